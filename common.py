@@ -1,0 +1,473 @@
+"""Shared primitives of minidreamer4: the efficient transformer of Dreamer 4 §3.4, and plumbing.
+
+Everything in this file is used by more than one stage. Objectives, samplers and training loops
+live in their stage files (tokenizer.py, dynamics.py, agent.py, imagine.py), never here.
+
+Paper coverage (PAPER.md §3, "Efficient transformer"):
+  - pre-layer RMSNorm, RoPE, SwiGLU MLP                          -> RMSNorm, rope_angles, SwiGLU
+  - QKNorm and attention-logit soft capping                      -> Attention, attend
+  - separate space-only and time-only attention, time attention
+    only every 4th layer, causal in time                         -> SpaceTimeTransformer
+  - GQA (several query heads share one KV head)                  -> Attention(n_kv_heads=...)
+  - a KV cache over the time axis for fast generation            -> KVCache
+  - "all loss terms are divided by running estimates of their RMS" (§3 intro) -> RunningRMS
+
+Deviations and ambiguities (each also noted where it applies):
+  - Soft-cap value 50 (tanh form, as Gemma 2): the paper cites soft capping but gives no value.
+  - Soft capping needs the raw logits, which F.scaled_dot_product_attention never exposes. With a
+    soft cap we therefore compute attention explicitly (matmul, tanh, mask, softmax); without one
+    (`soft_cap=0`) we call F.scaled_dot_product_attention and get the fused GPU kernels.
+    Both paths are tested to agree when the cap cannot bind.
+  - Time attention lets every token attend to the *same* token slot in earlier frames (axial
+    attention). The paper does not say which tokens take part in time attention.
+  - The time-attention window C: a query at frame t sees frames t−C+1 … t (C frames including
+    itself). The paper says "context length C" without defining the boundary.
+  - Spatial RoPE is 2-D axial (half of each head's channels rotate with the row, half with the
+    column). Tokens that have no grid position (latents, registers, actions, (τ, d)) get
+    position (0, 0): they are told apart by their learned embeddings. Not in paper.
+
+Shape legend (used in every file):
+  B batch, T time (frames), N tokens per frame, D model width, H/W pixels, C channels,
+  P patch size, K sampling steps, L MTP length, A action components,
+  Hq query heads, Hk key/value heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ==============================================================================================
+# Model primitives
+# ==============================================================================================
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · g   (pre-layer norm of §3.4; also QKNorm's norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Compute the statistic in fp32: under bf16 autocast the mean of squares loses precision.
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """MLP(x) = W₂ (silu(W₁x) ⊙ W₃x)   (§3.4: "SwiGLU MLP")."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # value
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotation angles θ_{p,i} = p · base^(−2i/dim) for RoPE over `dim` channels.
+
+    positions: (..., S) integer or float positions.  Returns (..., S, dim/2) angles.
+    (2-D positions over the patch grid: see rope_angles_2d.)
+    """
+    freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)  # (dim/2,)
+    return positions.float().unsqueeze(-1) * freqs  # (..., S, dim/2)
+
+
+def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Axial 2-D RoPE angles: half of the channel pairs rotate with the row, half with the column.
+
+    rows, cols: (S,) integer grid coordinates.  Returns (S, dim/2) angles.
+    """
+    assert dim % 4 == 0, f"2-D RoPE needs head width divisible by 4, got {dim}"
+    return torch.cat([rope_angles(rows, dim // 2, base), rope_angles(cols, dim // 2, base)], dim=-1)  # (S, dim/2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x_{2i}, x_{2i+1}) by θ_i: the RoPE of Su et al., used in §3.4.
+
+    x: (..., S, Dh);  angles: (S, Dh/2) broadcast over the leading dims.
+    Property tested in tests/test_common.py: ⟨rope(q, p), rope(k, p′)⟩ depends only on p − p′.
+    """
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (S, Dh/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., S, Dh/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., S, Dh/2, 2)
+    return out.flatten(-2)  # (..., S, Dh)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           soft_cap: float) -> torch.Tensor:
+    """softmax(cap·tanh(q·kᵀ/(√Dh·cap)) + mask) v   — attention with the §3.4 logit soft cap.
+
+    q: (B, Hq, S, Dh); k, v: (B, Hk, S', Dh) with Hq a multiple of Hk (GQA: query head h reads
+    key/value head h // (Hq/Hk)); mask: boolean, True = may attend, broadcastable to (B, Hq, S, S').
+    soft_cap = 0 disables the cap and uses the fused F.scaled_dot_product_attention kernel.
+    """
+    B, Hq, S, Dh = q.shape
+    Hk = k.shape[1]
+    assert Hq % Hk == 0, f"GQA needs n_heads ({Hq}) to be a multiple of n_kv_heads ({Hk})"
+    if Hk != Hq:  # GQA: share each KV head among Hq/Hk query heads
+        k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
+        v = v.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
+    if not soft_cap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hq, S, Dh)
+    logits = (q @ k.transpose(-1, -2)).float() / math.sqrt(Dh)  # (B, Hq, S, S')
+    # Soft cap (Gemma 2 form): logits stay in (−cap, cap); gradients stay finite.
+    logits = soft_cap * torch.tanh(logits / soft_cap)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return (logits.softmax(-1).to(v.dtype)) @ v  # (B, Hq, S, Dh)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QKNorm, soft cap, GQA and RoPE (§3.4).
+
+    Used both over the tokens of one frame ("space") and over the frames of one token slot
+    ("time"). The caller supplies the RoPE angles and the boolean mask.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, soft_cap: float = 50.0):
+        super().__init__()
+        assert dim % n_heads == 0, f"width {dim} not divisible by {n_heads} heads"
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.soft_cap = soft_cap
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        # QKNorm: RMS-normalise queries and keys per head before the dot product (§3.4).
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor | None, mask: torch.Tensor | None,
+                past_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x: (B, S, D) → (B, S, D), plus this call's (k, v) so a cache can keep them.
+
+        past_kv: keys/values of earlier positions (already rotated), prepended before attending.
+        angles: (S, Dh/2) RoPE angles of the S new positions (keys are rotated before caching, so
+        cached keys never need re-rotating — the relative-position property does the rest).
+        """
+        B, S, D = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, Dh)
+        k, v = self.wkv(x).view(B, S, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 2×(B, Hk, S, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        new_kv = (k, v)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)  # (B, Hk, S_past + S, Dh)
+            v = torch.cat([past_kv[1], v], dim=2)  # (B, Hk, S_past + S, Dh)
+        out = attend(q, k, v, mask, self.soft_cap)  # (B, Hq, S, Dh)
+        out = out.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
+        return self.wo(out), new_kv
+
+
+def time_mask(T_q: int, T_k: int, window: int, independent: torch.Tensor | None = None,
+              device=None) -> torch.Tensor:
+    """Boolean time-attention mask (True = may attend), causal and windowed to C = `window` frames.
+
+    Queries are the last T_q of T_k frames (T_k − T_q frames come from a KV cache). Query frame i
+    (absolute index T_k − T_q + i) sees key frame j iff  i_abs − C < j ≤ i_abs.
+    independent: (B,) bool — sequences treated as separate images (§3.4 "start frames"): their
+    frames see only themselves. Returns (T_q, T_k), or (B, 1, T_q, T_k) when `independent` is given.
+    """
+    q_abs = torch.arange(T_k - T_q, T_k, device=device)[:, None]  # (T_q, 1)
+    k_abs = torch.arange(T_k, device=device)[None, :]  # (1, T_k)
+    mask = (k_abs <= q_abs) & (k_abs > q_abs - window)  # (T_q, T_k)
+    if independent is None:
+        return mask
+    diag = k_abs == q_abs  # (T_q, T_k)
+    return torch.where(independent.view(-1, 1, 1, 1), diag, mask)  # (B, 1, T_q, T_k)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)) (§3.4)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, mlp_ratio: float, soft_cap: float,
+                 is_time: bool):
+        super().__init__()
+        self.is_time = is_time  # time layers attend over frames, space layers within a frame
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.attn = Attention(dim, n_heads, n_kv_heads, soft_cap)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, angles, mask, past_kv=None):
+        h, new_kv = self.attn(self.norm1(x), angles, mask, past_kv)
+        x = x + h
+        return x + self.mlp(self.norm2(x)), new_kv
+
+
+class KVCache:
+    """Keys/values of the time-attention layers for frames already processed (§3.4 inference).
+
+    One (k, v) pair per time layer, each (B·N, Hk, T_cached, Dh), trimmed to the last C − 1 frames
+    (the window: a new frame sees itself plus C − 1 cached frames). `pos` is the absolute time index
+    of the next frame, so RoPE keeps advancing by exactly one per committed frame (PITFALLS 4).
+    """
+
+    def __init__(self, window: int):
+        self.window, self.pos, self.kv = window, 0, {}
+
+    def __len__(self):
+        return self.pos
+
+
+class SpaceTimeTransformer(nn.Module):
+    """The §3.4 transformer on x: (B, T, N, D). Layer i attends over time iff (i+1) % time_every == 0.
+
+    Space layers: the N tokens of one frame attend to each other under `space_mask` (N, N) bool
+    (True = may attend): this is how the tokenizer and the dynamics say which token groups see
+    which (encoder/decoder masks, one-way agent tokens). Space RoPE is given per token (`space_pos`).
+    Time layers: each token slot n attends to slot n of earlier frames, causally, windowed to C,
+    with 1-D RoPE over absolute frame positions.
+    """
+
+    def __init__(self, dim: int, depth: int, n_heads: int, n_kv_heads: int | None = None,
+                 time_every: int = 4, window: int = 32, mlp_ratio: float = 4.0, soft_cap: float = 50.0,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        self.window, self.head_dim, self.rope_base = window, dim // n_heads, rope_base
+        self.blocks = nn.ModuleList(
+            Block(dim, n_heads, n_kv_heads, mlp_ratio, soft_cap, is_time=(i + 1) % time_every == 0)
+            for i in range(depth))
+        self.norm = RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor, space_pos: torch.Tensor | None = None,
+                space_mask: torch.Tensor | None = None, independent: torch.Tensor | None = None,
+                cache: KVCache | None = None, commit: bool = False) -> torch.Tensor:
+        """x: (B, T, N, D) → (B, T, N, D), final RMSNorm applied.
+
+        space_pos: (N, 2) integer (row, col) per token for 2-D RoPE, or None for no spatial RoPE.
+        independent: (B,) bool, sequences whose frames must not see each other (start frames).
+        cache: time-layer KV cache; the T new frames get positions cache.pos … cache.pos + T − 1 and
+        attend to the cached frames. commit=True appends their keys/values to the cache (call with
+        commit=False to run a denoising step without changing the context).
+        """
+        B, T, N, D = x.shape
+        t0 = cache.pos if cache is not None else 0
+        space_angles = None if space_pos is None else rope_angles_2d(
+            space_pos[:, 0], space_pos[:, 1], self.head_dim, self.rope_base)  # (N, Dh/2)
+        time_angles = rope_angles(torch.arange(t0, t0 + T, device=x.device), self.head_dim,
+                                  self.rope_base)  # (T, Dh/2)
+        # Every time layer sees the same number of cached frames, so one mask serves them all.
+        T_past = next(iter(cache.kv.values()))[0].shape[2] if cache is not None and cache.kv else 0
+        ind = None if independent is None else independent.repeat_interleave(N)  # (B·N,)
+        t_mask = time_mask(T, T_past + T, self.window, ind, x.device)  # (T, T_k) or (B·N, 1, T, T_k)
+        for i, blk in enumerate(self.blocks):
+            if blk.is_time:
+                xt = x.permute(0, 2, 1, 3).reshape(B * N, T, D)  # (B·N, T, D)
+                past = cache.kv.get(i) if cache is not None else None
+                xt, new_kv = blk(xt, time_angles, t_mask, past)
+                if cache is not None and commit:
+                    k, v = new_kv if past is None else (torch.cat([past[0], new_kv[0]], 2),
+                                                        torch.cat([past[1], new_kv[1]], 2))
+                    keep = self.window - 1  # a later frame sees itself + C − 1 earlier frames
+                    cache.kv[i] = (k[:, :, -keep:], v[:, :, -keep:]) if keep > 0 else (k[:, :, :0], v[:, :, :0])
+                x = xt.view(B, N, T, D).permute(0, 2, 1, 3)  # (B, T, N, D)
+            else:
+                xs = x.reshape(B * T, N, D)  # (B·T, N, D)
+                xs, _ = blk(xs, space_angles, space_mask)
+                x = xs.view(B, T, N, D)  # (B, T, N, D)
+        if cache is not None and commit:
+            cache.pos += T
+        return self.norm(x)
+
+
+# ==============================================================================================
+# Loss normalisation (§3 intro): "all loss terms are divided by running estimates of their RMS"
+# ==============================================================================================
+
+
+class RunningRMS:
+    """Divide a loss term by a running estimate of its root-mean-square.
+
+    ms ← decay·ms + (1 − decay)·loss²  (an EMA of the squared loss; the first update sets ms = loss²)
+    normalised = loss / max(√ms, floor)
+    The paper gives neither the update rule nor the decay (PAPER.md §4.5); decay 0.99 and floor
+    1e-3 are ours. Non-finite losses do not update the estimate (one bad batch must not poison it).
+    The estimate is part of the checkpoint (`state_dict`), so `--resume` continues exactly.
+    """
+
+    def __init__(self, decay: float = 0.99, floor: float = 1e-3):
+        self.decay, self.floor, self.ms, self.count = decay, floor, 0.0, 0
+
+    def update(self, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return
+        self.ms = value ** 2 if self.count == 0 else self.decay * self.ms + (1 - self.decay) * value ** 2
+        self.count += 1
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        """Update with this loss, then return loss / RMS (the RMS is a constant: no gradient)."""
+        self.update(loss)
+        return loss / max(math.sqrt(self.ms), self.floor)
+
+    def state_dict(self) -> dict:
+        return {"ms": self.ms, "count": self.count, "decay": self.decay, "floor": self.floor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ms, self.count = float(state["ms"]), int(state["count"])
+        self.decay, self.floor = float(state["decay"]), float(state["floor"])
+
+
+# ==============================================================================================
+# Plumbing: arguments, device, seeding, checkpoints, metrics
+# ==============================================================================================
+
+
+def _field_help(cls) -> dict[str, str]:
+    """Read the trailing `# help` comment of every `name: type = default  # help` line of a dataclass."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2).strip()
+    return helps
+
+
+def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | None = None):
+    """Turn an `Args` dataclass into a command line (stdlib argparse only).
+
+    Field `foo_bar` becomes `--foo-bar`; bools become `--flag/--no-flag`; each field's trailing
+    comment is its help. `--preset NAME` applies `presets[NAME]`; flags given explicitly win.
+    Precedence: dataclass default < preset < explicit flag.
+    """
+    presets = presets or {}
+    helps = _field_help(cls)
+    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split("\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{helps.get(f.name, '')} (default: {f.default})"
+        if f.name == "preset":
+            parser.add_argument(flag, choices=["default", *presets], help=help_text)
+        elif f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, help=help_text)
+    given = vars(parser.parse_args(argv))
+    values = {f.name: f.default for f in dataclasses.fields(cls)}
+    preset = given.get("preset", values.get("preset", "default"))
+    if preset != "default":
+        values.update(presets[preset])
+    values.update(given)
+    return cls(**values)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """--device auto picks cuda, then mps, then cpu, and says which."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else (
+            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+    print(f"device: {name}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. Data and noise samplers get their own generators besides."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU, plain fp32 elsewhere (STYLE.md)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Write atomically: save to a temp file in the same folder, then rename over the target.
+
+    A crash mid-save leaves the previous checkpoint intact (os.replace is atomic on POSIX).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, stage: str, how_to_make: str) -> dict:
+    """Load a checkpoint with weights_only=True and say clearly what is wrong if it is not usable.
+
+    stage: the stage that must have written it; how_to_make: the command that writes it.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {stage} checkpoint at {path}: run `{how_to_make}` first "
+                                f"(or point the flag at an existing checkpoint)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects, ...
+        raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}). "
+                           f"Delete it and run `{how_to_make}` again.") from e
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != stage:
+        found = ckpt.get("stage") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is a '{found}' checkpoint, expected a '{stage}' checkpoint "
+                         f"(written by `{how_to_make}`)")
+    return ckpt
+
+
+class MetricsLog:
+    """One grep-able line per log step on stdout, and the same numbers in metrics.jsonl."""
+
+    def __init__(self, out_dir: str, total_steps: int, resume: bool = False):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path, self.total = os.path.join(out_dir, "metrics.jsonl"), total_steps
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh log
+        self.t_last, self.step_last = time.time(), None
+
+    def log(self, step: int, metrics: dict, frames_per_step: int = 0) -> dict:
+        now = time.time()
+        steps_done = step - self.step_last if self.step_last is not None else 1
+        dt = (now - self.t_last) / max(steps_done, 1)
+        self.t_last, self.step_last = now, step
+        eta_min = dt * (self.total - step) / 60
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "ms_per_step": 1000 * dt}
+        if frames_per_step:
+            record["frames_per_s"] = frames_per_step / max(dt, 1e-9)
+        parts = [f"step {step}/{self.total}"] + [f"{k} {float(v):.4g}" for k, v in metrics.items()]
+        parts += [f"{1000 * dt:.0f} ms/step"]
+        if frames_per_step:
+            parts += [f"{record['frames_per_s']:,.0f} frames/s"]
+        print(" | ".join(parts + [f"eta {eta_min:.1f}m"]), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+
+def check_finite(step: int, **terms: torch.Tensor) -> None:
+    """Stop training with a clear message when a loss term becomes NaN or inf."""
+    bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(torch.as_tensor(v)).all()}
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {bad}. Lower --lr, check the data, or --resume from the "
+            f"last checkpoint (it was written before this step).")
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Write a JSON file atomically (summary.json, args.json)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
