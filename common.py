@@ -439,23 +439,23 @@ def load_checkpoint(path: str, stage: str, how_to_make: str) -> dict:
 class MetricsLog:
     """One grep-able line per log step on stdout, and the same numbers in metrics.jsonl."""
 
-    def __init__(self, out_dir: str, total_steps: int, resume: bool = False):
+    def __init__(self, out_dir: str, total_steps: int, resume: bool = False, start_step: int = 0):
         os.makedirs(out_dir, exist_ok=True)
         self.path, self.total = os.path.join(out_dir, "metrics.jsonl"), total_steps
         if not resume and os.path.exists(self.path):
             os.remove(self.path)  # a fresh run starts a fresh log
-        self.t_last, self.step_last = time.time(), None
+        self.t_last, self.step_last = time.time(), start_step  # speed is measured from here
 
     def log(self, step: int, metrics: dict, frames_per_step: int = 0) -> dict:
         now = time.time()
-        steps_done = step - self.step_last if self.step_last is not None else 1
-        dt = (now - self.t_last) / max(steps_done, 1)
+        dt = (now - self.t_last) / max(step - self.step_last, 1)
         self.t_last, self.step_last = now, step
         eta_min = dt * (self.total - step) / 60
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "ms_per_step": 1000 * dt}
+        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+        record = {"step": step, **metrics, "ms_per_step": 1000 * dt}
         if frames_per_step:
             record["frames_per_s"] = frames_per_step / max(dt, 1e-9)
-        parts = [f"step {step}/{self.total}"] + [f"{k} {float(v):.4g}" for k, v in metrics.items()]
+        parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4g}" for k, v in metrics.items()]
         parts += [f"{1000 * dt:.0f} ms/step"]
         if frames_per_step:
             parts += [f"{record['frames_per_s']:,.0f} frames/s"]

@@ -1,13 +1,12 @@
 """Stage 0: the built-in environment, its scripted "contractor" players, and the dataset format.
 
-Dreamer 4 learns the diamond challenge *offline*, from 2.5K h of VPT contractor video with mouse and
-keyboard actions (paper §4.1, Table 7). This file builds a miniature of that setting that a laptop
-can afford (DESIGN.md §4), writes it in the format every later stage reads (DESIGN.md §3), loads it
-back for training, and scores any policy in the real environment.
+Dreamer 4 learns the diamond challenge *offline*, from 2.5K h of VPT contractor video with mouse and keyboard
+actions (paper §4.1, Table 7). This file builds a laptop-sized miniature of that setting (DESIGN.md §4), writes
+it in the format every later stage reads (DESIGN.md §3), loads it back for training, and scores any policy in
+the real environment.
 
-Reads nothing (or a folder of images with --from-frames). Writes data/<name>/: one .npz per
-episode, meta.json, episodes.png (a picture grid) and episode.gif; the default run also copies the
-picture to assets/environment.png for the README.
+Reads nothing (or image folders: --from-frames). Writes data/<name>/: one .npz per episode, meta.json,
+episodes.png (a picture grid, copied to assets/environment.png by the default run) and episode.gif.
 
 Run:
     python data.py                  # data/diamond64: 64×64, 400 episodes × 256 frames (≈ 40 s, 21 MB)
@@ -24,59 +23,36 @@ Paper map (no equations in this stage):
     §4.1 evaluation: success rate per item over episodes    -> evaluate
 
 Data contract (DESIGN.md §3; written out here once, every stage refers to it)
-    One episode = one file <id>.npz in the dataset folder:
+    One episode = one file <id>.npz in the dataset folder (actions, rewards absent for unlabeled video):
       frames   uint8   (T, H, W, 3)
-      actions  int64   (T, A)        row t = the action taken AT frame t; it leads to frame t+1.
-                                     The last row was chosen but never executed (the episode
-                                     ends on frame T−1). Absent for unlabeled video.
+      actions  int64   (T, A)        row t = the action taken AT frame t; it leads to frame t+1. The
+                                     last row is chosen but never executed (the episode ends on T−1).
       rewards  float32 (T, n_tasks)  row t = the reward received on ENTERING frame t; row 0 is 0.
-                                     Absent for unlabeled video.
           frame_0 --a_0--> frame_1, r_1 --a_1--> frame_2, r_2 --a_2--> …
-    So the dynamics token of step t carries a_{t−1} (a learned "no action" embedding at t = 0 and
-    for unlabeled clips): h_t has seen a_{t−1} and z_t; the policy head at h_t predicts a_t and
-    the reward head predicts r_t (DreamerV3 indexing). tests/test_data.py pins this on a hand-made
-    episode. Every action component is categorical (a button is a 2-class categorical).
+    So the dynamics token of step t carries a_{t−1} (a learned "no action" embedding at t = 0 and for unlabeled
+    clips): h_t has seen a_{t−1} and z_t; the policy head at h_t predicts a_t and the reward head predicts r_t
+    (DreamerV3 indexing; tests/test_data.py pins this on a hand-made episode). Every action component is
+    categorical (a button is a 2-class categorical).
     meta.json: image_size (H = W), fps, action_components [[name, classes], …], tasks [names],
     episodes, frames, split {"train": [ids], "heldout": [ids]} (by episode, never by frame), seed.
 
-The environment (DESIGN.md §4). An 8×7 tile world, fully visible, with an inventory strip as the
-image's 8th tile row (bars for wood, stone, iron, diamond, 0–4 each; icons for three pickaxes).
-Actions mirror mouse + keyboard, ACTION_COMPONENTS: `move` (noop/up/down/left/right; a blocked
-move turns the agent) and three buttons. `use` mines the faced tile: hold it — 3, 4, 5, 6
-consecutive presses for tree, stone, iron, diamond, cracks show the progress, the right pickaxe is
-needed — or scares the creature off. `place` puts a crafting table (2 wood) on the faced tile.
-`craft`, facing a table, makes the first pickaxe you lack and can pay for (wood; stone: wood +
-stone; iron: wood + iron). Stochastic: a creature wanders at random and steals wood when adjacent,
-trees regrow at random places, every seed draws a new world. TASKS follow the rows of Table 7 (log,
-crafting table, wooden pickaxe, cobblestone, stone pickaxe, iron ore, iron pickaxe, diamond); the
-diamond needs all seven earlier milestones. A task's reward is 1 on the step its milestone is
-first reached in the episode, else 0. About 25,000 frames/s on one core, rendering included.
-
-The contractors read the pixels (decode_frames) and run a script toward the next rung, but each
-draws a skill (share of diligent steps, else a wandering excursion), an ambition (the highest rung
-it bothers with) and habits. In the default dataset they reach: wood 99 %, table 88 %, wooden
-pickaxe 76 %, stone 50 %, stone pickaxe 37 %, iron 19 %, iron pickaxe 13 %, diamond 4 % of the
-episodes. A random policy: 72 %, 30 %, 5 %, then 0; an expert (skill 1, full ambition) gets the
-diamond in ≈ 75 steps. So behaviour cloning has little top-of-ladder data to copy.
+The environment and its players (DESIGN.md §4; rules in Env.step and the README, which also has the
+measured success rates): TASKS are the rows of Table 7, a task pays 1 on the step its milestone is first
+reached; contractors reach wood 99 % … diamond 4 % of the episodes, a random policy never mines stone.
 
 Deviations and ambiguities
-  - 8 tasks instead of the paper's 12 milestones: planks, stick, furnace and iron ingot are folded
-    into the recipes; crafting is one button instead of the crafting GUI.
-  - Mining by holding `use` is Minecraft's rule, kept because without it a random policy (pressing
-    each button half of the time) climbs the whole ladder of a small map.
-  - Fixed episode length, 256 frames (60 min in the paper). An expert needs ≈ 75 steps for the
-    whole ladder, so a diligent contractor that dawdles still gets there and a sloppy one stalls
-    midway. Fixed length keeps lockstep evaluation simple; the continuation c_t is 1 everywhere.
-  - fps is nominal (10; the paper's data is 20 FPS): the environment has no clock.
-  - Storage: the .npz files are compressed (np.savez_compressed; tile frames shrink ≈ 60×) and
-    stay the source of truth. Decompressing a whole episode for every window would cost ≈ 5 ms per
-    window at 64×64 (≈ 150 ms for a batch of 32), so the loader decodes each episode once, on first
-    use, into an uncompressed <root>/.decoded/<id>.npy and memory-maps it: a window costs a copy of
-    its own frames, the process holds no dataset in RAM (the OS page cache does, evictably), and
-    the disk pays the raw size once (≈ 1.2 GB for diamond64, 0.16 GB for diamond32).
-  - Bring-your-own folders without meta.json: it is inferred from the episodes (generic names a0…,
-    task0…; classes = largest action + 1; the last 10 % of sorted ids held out) and written to the
-    folder, so that the split never changes between stages.
+  - 8 tasks, not the paper's 12 milestones: planks, stick, furnace and iron ingot are folded into the recipes;
+    crafting is one button instead of the crafting GUI.
+  - Mining by holding `use` (3/4/5/6 presses for tree/stone/iron/diamond) is Minecraft's rule, kept because
+    without it a random policy (each button half of the time) climbs the whole ladder.
+  - Fixed episode length, 256 frames (60 min in the paper): an expert needs ≈ 75 steps, a diligent contractor
+    that dawdles still gets to the top, a sloppy one stalls midway. Lockstep evaluation stays simple; the
+    continuation c_t is 1 everywhere. fps is nominal (10; the paper's is 20).
+  - Storage: the compressed .npz files (tile frames shrink ≈ 60×) are the source of truth, but inflating a
+    whole episode per window costs ≈ 5 ms at 64×64, so the loader decodes each episode once into
+    <root>/.decoded/<id>.npy and memory-maps it (≈ 1.2 GB on disk for diamond64).
+  - A bring-your-own folder without meta.json gets one inferred and written (names a0…, task0…; classes =
+    largest action + 1; the last 10 % of sorted ids held out), so the split never changes between stages.
 """
 
 from __future__ import annotations
@@ -88,8 +64,6 @@ import os
 import shutil
 import time
 import warnings
-import zipfile
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -101,6 +75,7 @@ ACTION_COMPONENTS = [("move", 5), ("use", 2), ("place", 2), ("craft", 2)]  # (na
 TASKS = ["collect_wood", "place_table", "make_wood_pickaxe", "collect_stone",
          "make_stone_pickaxe", "collect_iron", "make_iron_pickaxe", "collect_diamond"]
 BUILTIN = {"diamond64": "default", "diamond32": "cpu", "smoke": "smoke"}  # dataset name -> preset
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what --from-frames imports
 
 
 @dataclass
@@ -122,16 +97,11 @@ class Args:
     resize: int = 0  # with --from-frames: resize images to N×N (0 = keep; sizes must agree)
 
 
-PRESETS = {
-    "smoke": {"name": "smoke", "image_size": 32, "episodes": 8, "episode_len": 64, "assets": False,
-              "eval_episodes": 16},
-    "cpu": {"name": "diamond32", "image_size": 32, "episodes": 200, "assets": False},
-}
+PRESETS = {"smoke": dict(name="smoke", image_size=32, episodes=8, episode_len=64, assets=False, eval_episodes=16),
+           "cpu": dict(name="diamond32", image_size=32, episodes=200, assets=False)}
 
-# ==============================================================================================
-# The environment: world, rules, rendering
-# ==============================================================================================
 
+# ==== The environment: world, rules, rendering ================================================
 ROWS, COLS = 7, 8  # map tiles; the image is 8 tiles tall: 7 map rows + 1 inventory row
 GRASS, PATH, TREE, WATER, STONE, IRON, DIAMOND, TABLE = range(8)  # terrain ids
 WALKABLE = (GRASS, PATH)  # PATH = floor left behind by mining
@@ -148,6 +118,8 @@ HARDNESS = {TREE: 3, STONE: 4, IRON: 5, DIAMOND: 6}  # consecutive `use` presses
 RECIPES = [(WOOD_PICK, {WOOD: 1}, 2), (STONE_PICK, {WOOD: 1, STONE_I: 1}, 4),  # (tool, cost, task)
            (IRON_PICK, {WOOD: 1, IRON_I: 1}, 6)]
 P_CREATURE_MOVE, P_STEAL, P_REGROW, MAX_TREES = 0.5, 0.1, 0.03, 10  # the stochastic parts
+_inside = lambda cell: 0 <= cell[0] < ROWS and 0 <= cell[1] < COLS  # is the (row, col) cell on the map?
+_next = lambda cell, move: (cell[0] + MOVES[move][0], cell[1] + MOVES[move][1])  # the neighbour in direction `move`
 
 
 def _generate_world(rng: np.random.Generator):
@@ -161,17 +133,15 @@ def _generate_world(rng: np.random.Generator):
         grid[depth + rng.random((ROWS, COLS)) * 1.5 < 4.5] = STONE  # ragged edge, ≈ 12–15 tiles
         grid[corner] = DIAMOND
         inner = np.argwhere((grid == STONE) & (depth >= 2) & (depth <= 3))
-        for r, c in inner[rng.choice(len(inner), size=2, replace=False)]:
-            grid[r, c] = IRON
+        grid[tuple(inner[rng.choice(len(inner), size=2, replace=False)].T)] = IRON
         free = np.argwhere((grid == GRASS) & (depth >= 6))
         pond = free[rng.integers(len(free))]
         grid[tuple(pond)] = WATER
         r, c = pond + MOVES[1 + rng.integers(4)]
-        if 0 <= r < ROWS and 0 <= c < COLS and grid[r, c] == GRASS:
+        if _inside((r, c)) and grid[r, c] == GRASS:
             grid[r, c] = WATER
         free = np.argwhere(grid == GRASS)
-        for r, c in free[rng.choice(len(free), size=int(rng.integers(7, 10)), replace=False)]:
-            grid[r, c] = TREE
+        grid[tuple(free[rng.choice(len(free), size=int(rng.integers(7, 10)), replace=False)].T)] = TREE
         free = np.argwhere((grid == GRASS) & (depth >= 7))
         if len(free) == 0:
             continue
@@ -187,43 +157,32 @@ def _bfs(passable: np.ndarray, start: tuple) -> dict:
     """Breadth-first search over 4-neighbours; returns {cell: parent} of every reachable cell."""
     parent, frontier = {start: None}, [start]
     for cell in frontier:  # the list grows while we walk it: a FIFO queue
-        for dr, dc in MOVES[1:]:
-            n = (cell[0] + dr, cell[1] + dc)
-            if 0 <= n[0] < ROWS and 0 <= n[1] < COLS and n not in parent and passable[n]:
+        for n in (_next(cell, m) for m in range(1, 5)):
+            if _inside(n) and n not in parent and passable[n]:
                 parent[n] = cell
                 frontier.append(n)
     return parent
 
 
 class Env:
-    """Gym-like, seeded:  frame = env.reset(seed);  frame, reward, done, info = env.step(action).
-
-    frame uint8 (H, W, 3); action int64 (A,) = (move, use, place, craft); reward float32 (n_tasks,)
-    (1 where a milestone is reached for the first time this episode); done on the last frame
-    (frame index episode_len − 1). Same seed and same actions give the same episode, bit for bit.
-    """
+    """Gym-like, seeded: frame = env.reset(seed); frame, reward, done, info = env.step(action). frame uint8
+    (H, W, 3); action int64 (A,) = (move, use, place, craft); reward float32 (n_tasks,), 1 where a milestone is
+    first reached this episode; done on frame episode_len − 1. Same seed + same actions = same episode."""
 
     def __init__(self, image_size: int = 64, episode_len: int = 256):
         assert image_size % 8 == 0 and image_size >= 16, f"image_size must be a multiple of 8, got {image_size}"
-        self.image_size, self.episode_len = image_size, episode_len
-        self.t = None
+        self.image_size, self.episode_len, self.t = image_size, episode_len, None
 
     def reset(self, seed: int) -> np.ndarray:
         self.rng = np.random.default_rng(seed)  # all randomness of the episode: world and dynamics
         self.grid, self.agent, self.creature = _generate_world(self.rng)
         self.facing = int(self.rng.integers(4))  # 0 up, 1 down, 2 left, 3 right (= move class − 1)
-        self.inv = [0] * len(INVENTORY)
+        self.inv, self.achieved, self.t = [0] * len(INVENTORY), [False] * len(TASKS), 0
         self.progress, self.mining = 0, None  # consecutive `use` presses on the tile `mining`
-        self.achieved = [False] * len(TASKS)
-        self.t = 0
         return self.render()
 
-    def _inside(self, cell) -> bool:
-        return 0 <= cell[0] < ROWS and 0 <= cell[1] < COLS
-
     def _free(self, cell) -> bool:  # walkable and nobody standing there
-        return (self._inside(cell) and self.grid[cell] in WALKABLE
-                and cell != self.agent and cell != self.creature)
+        return _inside(cell) and self.grid[cell] in WALKABLE and cell != self.agent and cell != self.creature
 
     def step(self, action) -> tuple[np.ndarray, np.ndarray, bool, dict]:
         assert self.t is not None and self.t < self.episode_len - 1, "episode is over: call reset(seed)"
@@ -233,27 +192,22 @@ class Env:
         def achieve(task):  # sparse binary reward, once per episode
             if not self.achieved[task]:
                 self.achieved[task], reward[task] = True, 1.0
-
         # Rules, in this order: move (or turn), use, place, craft, then the world moves.
-        if move:
+        if move:  # a blocked move still turns the agent: then `use` hits that tile
             self.facing = move - 1
-            target = (self.agent[0] + MOVES[move][0], self.agent[1] + MOVES[move][1])
-            if self._free(target):  # a blocked move still turns the agent: then `use` hits that tile
-                self.agent = target
-        faced = (self.agent[0] + MOVES[self.facing + 1][0], self.agent[1] + MOVES[self.facing + 1][1])
+            if self._free(_next(self.agent, move)):
+                self.agent = _next(self.agent, move)
+        faced = _next(self.agent, self.facing + 1)
         if use and faced == self.creature:  # scare it off to a random tile away from the agent
             far = [(int(r), int(c)) for r, c in np.argwhere(np.isin(self.grid, WALKABLE))
                    if abs(r - self.agent[0]) + abs(c - self.agent[1]) >= 4]
-            if far:
-                self.creature = far[self.rng.integers(len(far))]
-        elif use and self._inside(faced) and self.grid[faced] in MINE:
-            # Mining is "hold to break", as in Minecraft: HARDNESS consecutive presses on the same
-            # tile with the right tool; anything else resets the progress. This is what keeps a
-            # random policy, pressing every button half of the time, off the ladder.
+            self.creature = far[self.rng.integers(len(far))] if far else self.creature
+        elif use and _inside(faced) and self.grid[faced] in MINE:
+            # Mining is "hold to break", as in Minecraft: HARDNESS consecutive presses on the same tile with
+            # the right tool; anything else resets the progress. This keeps a random policy off the ladder.
             tool, item, task = MINE[self.grid[faced]]
             if tool is None or self.inv[tool]:
-                self.progress = self.progress + 1 if faced == self.mining else 1
-                self.mining = faced
+                self.progress, self.mining = (self.progress + 1 if faced == self.mining else 1), faced
                 if self.progress == HARDNESS[self.grid[faced]]:
                     self.inv[item] = min(self.inv[item] + 1, MAX_COUNT)  # a full slot drops it
                     self.grid[faced] = GRASS if item == WOOD else PATH
@@ -262,10 +216,9 @@ class Env:
         if not (use and faced == self.mining):
             self.progress, self.mining = 0, None
         if place and self.inv[WOOD] >= TABLE_COST and self._free(faced):
-            self.grid[faced] = TABLE
-            self.inv[WOOD] -= TABLE_COST
+            self.grid[faced], self.inv[WOOD] = TABLE, self.inv[WOOD] - TABLE_COST
             achieve(1)
-        if craft and self._inside(faced) and self.grid[faced] == TABLE:  # crafting: face a table
+        if craft and _inside(faced) and self.grid[faced] == TABLE:  # crafting: face a table
             for tool, cost, task in RECIPES:  # the first recipe not yet made whose cost we can pay
                 if not self.inv[tool] and all(self.inv[k] >= n for k, n in cost.items()):
                     for k, n in cost.items():
@@ -275,10 +228,8 @@ class Env:
                     break
         # The parts nobody controls: the creature wanders, steals wood, trees regrow.
         if self.rng.random() < P_CREATURE_MOVE:
-            dr, dc = MOVES[1 + self.rng.integers(4)]
-            target = (self.creature[0] + dr, self.creature[1] + dc)
-            if self._free(target):
-                self.creature = target
+            target = _next(self.creature, 1 + self.rng.integers(4))
+            self.creature = target if self._free(target) else self.creature
         if (abs(self.creature[0] - self.agent[0]) + abs(self.creature[1] - self.agent[1]) == 1
                 and self.inv[WOOD] and self.rng.random() < P_STEAL):
             self.inv[WOOD] -= 1
@@ -292,10 +243,8 @@ class Env:
         return self.render(), reward, self.t == self.episode_len - 1, info
 
     def render(self) -> np.ndarray:
-        """An array blit of precomputed sprites: no drawing calls per frame (this is what makes the
-        environment run at > 5,000 frames/s)."""
-        s = self.image_size // 8
-        bank = _sprites(self.image_size)
+        """An array blit of precomputed sprites, no drawing calls per frame (hence > 5,000 frames/s)."""
+        s, bank = self.image_size // 8, _sprites(self.image_size)
         app = self.grid.copy()  # (ROWS, COLS) appearance id per tile
         app[self.agent] = AGENT_APP + 4 * (self.grid[self.agent] == PATH) + self.facing
         app[self.creature] = CREATURE_APP + (self.grid[self.creature] == PATH)
@@ -310,60 +259,45 @@ class Env:
 
 @functools.lru_cache(maxsize=None)
 def _sprites(image_size: int) -> dict:
-    """Sprites for one image size, drawn natively at that size: every shape is defined on the unit
-    square and sampled at the pixel centres (no downsampling of a large picture).
-
-    s = image_size / 8 is the tile size. tiles: (34, s, s, 3) appearances (8 terrains, agent on
-    grass/path × 4 facings, creature on grass/path, 4 minable terrains × 4 crack stages);
-    slots: (8, MAX_COUNT + 1, s, s, 3) inventory slot × count; plus the hashes decode_frames uses.
-    """
+    """Sprites drawn natively at one size s = image_size / 8 (shapes on the unit square, sampled at the pixel
+    centres): tiles (34, s, s, 3) = 8 terrains, agent on grass/path × 4 facings, creature on grass/path, 4
+    minable terrains × 4 crack stages; slots (8, MAX_COUNT + 1, s, s, 3); the hashes decode_frames uses."""
     s = image_size // 8
     v, u = (np.mgrid[:s, :s] + 0.5) / s  # pixel centres in [0, 1]: v down, u right
 
-    def disc(cu, cv, r):
-        return (u - cu) ** 2 + (v - cv) ** 2 < r * r
+    disc = lambda cu, cv, r: (u - cu) ** 2 + (v - cv) ** 2 < r * r  # (s, s) mask of a disc
 
     def paint(base, *layers):
-        img = np.empty((s, s, 3), np.uint8)
-        img[:] = base
+        img = np.full((s, s, 3), base, np.uint8)
         for mask, colour in layers:
             img[mask] = colour
         return img
-
     grass, path, rock = (76, 153, 60), (168, 140, 100), (125, 125, 130)
     spots = (disc(0.3, 0.3, 0.22) | disc(0.72, 0.7, 0.22))
     tiles = [paint(grass), paint(path),
              paint(grass, (disc(0.5, 0.4, 0.42), (24, 90, 36)), ((abs(u - 0.5) < 0.2) & (v > 0.75), (110, 70, 30))),
              paint((50, 100, 210), ((abs(v - 0.4) < 0.1) & (abs(u - 0.45) < 0.3), (140, 180, 240))),
-             paint(rock, (spots, (95, 95, 100))),
-             paint(rock, (spots, (220, 150, 90))),
-             paint(rock, (spots, (90, 235, 235))),
+             *(paint(rock, (spots, c)) for c in [(95, 95, 100), (220, 150, 90), (90, 235, 235)]),  # stone/iron/diamond
              paint((100, 60, 30), (v < 0.45, (190, 140, 80)), ((v >= 0.45) & (abs(u - 0.5) < 0.25), grass))]
-    for ground in (grass, path):  # the agent: a yellow body with a dark "nose" on its facing side
-        for dv, du in [(-1, 0), (1, 0), (0, -1), (0, 1)]:
-            tiles.append(paint(ground, (disc(0.5, 0.5, 0.4), (245, 205, 50)),
-                               (disc(0.5 + 0.3 * du, 0.5 + 0.3 * dv, 0.16), (30, 30, 30))))
-    for ground in (grass, path):  # the creature: a red diamond shape
-        tiles.append(paint(ground, (abs(u - 0.5) + abs(v - 0.5) < 0.45, (215, 40, 60))))
-    for terrain in MINABLE:  # mining progress, crack stages 1…4: a dark crack grows along the diagonal
-        for stage in range(1, 5):
-            crack = (np.abs(u + v - 1) < 0.55 / s) & (v < stage / 4)
-            tiles.append(np.where(crack[..., None], np.uint8(25), tiles[terrain]))
-    # Inventory slots: a bar of `count` quarters for materials, a pickaxe icon for tools.
-    colours = [(150, 95, 40), (170, 170, 175), (230, 150, 95), (90, 235, 235)]
-    dark = (35, 35, 40)
+    # The agent: a yellow body with a dark "nose" on its facing side (up, down, left, right), on grass or path.
+    tiles += [paint(g, (disc(0.5, 0.5, 0.4), (245, 205, 50)), (disc(0.5 + 0.3 * du, 0.5 + 0.3 * dv, 0.16), (30,) * 3))
+              for g in (grass, path) for dv, du in [(-1, 0), (1, 0), (0, -1), (0, 1)]]
+    tiles += [paint(g, (abs(u - 0.5) + abs(v - 0.5) < 0.45, (215, 40, 60))) for g in (grass, path)]  # the creature
+    # Mining progress, crack stages 1…4 of each minable terrain: a dark crack grows along the diagonal.
+    tiles += [np.where(((np.abs(u + v - 1) < 0.55 / s) & (v < stage / 4))[..., None], np.uint8(25), tiles[terrain])
+              for terrain in MINABLE for stage in range(1, 5)]
+    # Inventory slots: a bar of `count` quarters for materials, a pickaxe icon (head colour = material) for tools.
+    colours, dark = [(150, 95, 40), (170, 170, 175), (230, 150, 95), (90, 235, 235)], (35, 35, 40)
     bar_u = (u > 0.5 / s) & (u < 1 - max(1, s // 8) / s)  # one dark gap column between slots
+    handle = (abs(u - 0.45) < 0.2) & (v >= 0.3)
     slots = np.zeros((8, MAX_COUNT + 1, s, s, 3), np.uint8)
-    for k in range(8):
-        for n in range(MAX_COUNT + 1):
-            if k < 4:
-                slots[k, n] = paint(dark, (bar_u & (v > 1 - n / MAX_COUNT), colours[k]))
-            elif k < 7 and n:
-                head = ((150, 95, 40), (170, 170, 175), (230, 150, 95))[k - 4]
-                handle = (abs(u - 0.45) < 0.2) & (v >= 0.3)
-                slots[k, n] = paint(dark, (bar_u & (v < 0.3), head), (handle, (200, 170, 120)))
-            else:
-                slots[k, n] = paint(dark)
+    for k, n in np.ndindex(8, MAX_COUNT + 1):
+        if k < 4:
+            slots[k, n] = paint(dark, (bar_u & (v > 1 - n / MAX_COUNT), colours[k]))
+        elif k < 7 and n:
+            slots[k, n] = paint(dark, (bar_u & (v < 0.3), colours[k - 4]), (handle, (200, 170, 120)))
+        else:
+            slots[k, n] = paint(dark)
     tiles = np.stack(tiles)  # (34, s, s, 3)
     # Decoding (for the pixel-reading contractor): a random linear hash of every tile's pixels.
     weights = np.random.default_rng(12345).integers(1, 1 << 20, size=s * s * 3)
@@ -387,11 +321,7 @@ def decode_frames(frames: np.ndarray) -> dict:
     return {"app": tile_eq.argmax(-1).reshape(B, ROWS, COLS), "inv": slot_eq.argmax(-1)}
 
 
-# ==============================================================================================
-# Players: random, and scripted contractors of mixed skill
-# ==============================================================================================
-
-
+# ==== Players (random; contractors of mixed skill) and rollouts in the real environment =======
 class RandomPolicy:
     """Uniform over the classes of every action component (the paper's random baseline)."""
 
@@ -406,14 +336,11 @@ class RandomPolicy:
 
 
 class ContractorPolicy:
-    """A scripted player that reads the frame, finds the next rung of the ladder and walks there by
-    breadth-first search — but like a hired human it is only partly diligent. Each episode draws a
-    profile: `skill` (probability of following the script at a step, else a wandering excursion of
-    `sticky` length), `ambition` (the highest task it bothers with; most stop early, which keeps the
-    diamond rare), `hoard` (wood gathered before building), `mash` (stray button presses) and
-    `scares` (whether it chases the creature off). Pass `skill` and `ambition` to fix them for all
-    players (skill=1, ambition=7 is an expert: the reference for what the ladder allows).
-    """
+    """A scripted player: reads the frame, finds the next rung of the ladder, walks there by BFS, but like a hired
+    human only partly diligently. Each episode draws `skill` (chance of following the script, else a wandering
+    excursion of `sticky` length), `ambition` (the highest task it bothers with: most stop early, which keeps the
+    diamond rare), `hoard` (wood gathered before building), `mash` (stray button presses) and `scares` (chases
+    the creature off). skill=1, ambition=7 (fixed for all players) is an expert: what the ladder allows."""
 
     def __init__(self, seed: int = 0, skill: float | None = None, ambition: int | None = None):
         self.rng, self.skill, self.ambition = np.random.default_rng(seed), skill, ambition
@@ -437,15 +364,13 @@ class ContractorPolicy:
     def _act(self, p: dict, app: np.ndarray, inv: np.ndarray) -> np.ndarray:
         if p["excursion"] > 0:  # wandering off: keep walking the same way, sometimes turn
             p["excursion"] -= 1
-            if self.rng.random() > p["sticky"]:
-                p["last"] = self._explore()
+            p["last"] = self._explore() if self.rng.random() > p["sticky"] else p["last"]
             return p["last"]
         if self.rng.random() > p["skill"]:
             p["excursion"], p["last"] = int(self.rng.geometric(1 - p["sticky"])) - 1, self._explore()
             return p["last"]
         action = self._script(p, app, inv)
-        if action is None:  # nothing left to do (or stuck): wander
-            action = self._explore()
+        action = self._explore() if action is None else action  # nothing left to do (or stuck): wander
         if self.rng.random() < p["mash"]:
             action[1 + self.rng.integers(3)] = 1
         return action
@@ -455,57 +380,41 @@ class ContractorPolicy:
         agent = tuple(int(v) for v in np.argwhere((app >= AGENT_APP) & (app < CREATURE_APP))[0])
         on_path, facing = divmod(int(app[agent]) - AGENT_APP, 4)
         creature = tuple(int(v) for v in np.argwhere((app >= CREATURE_APP) & (app < CRACK_APP))[0])
-        grid = app.copy()  # the terrain: under the two figures, and under cracks
-        cracked = app >= CRACK_APP
+        grid, cracked = app.copy(), app >= CRACK_APP  # the terrain: under the two figures, and under cracks
         grid[cracked] = np.array(MINABLE)[(app[cracked] - CRACK_APP) // 4]
         grid[agent] = PATH if on_path else GRASS
         grid[creature] = PATH if app[creature] == CREATURE_APP + 1 else GRASS
-        has_table = bool((grid == TABLE).any())
-        # The next task on the ladder, read off the world and the inventory.
-        if not has_table:
-            task = 1
-        elif not inv[WOOD_PICK]:
-            task = 2
-        elif not inv[STONE_PICK]:
-            task = 4 if inv[STONE_I] else 3
-        elif not inv[IRON_PICK]:
-            task = 6 if inv[IRON_I] else 5
-        else:
-            task = 7 if not inv[DIAMOND_I] else len(TASKS)
+        # The next task on the ladder: the first rung not done yet, read off the world and the inventory.
+        ladder = [((grid == TABLE).any(), 1), (inv[WOOD_PICK], 2), (inv[STONE_PICK], 4 if inv[STONE_I] else 3),
+                  (inv[IRON_PICK], 6 if inv[IRON_I] else 5), (inv[DIAMOND_I], 7)]  # (done?, task)
+        task = next((k for done, k in ladder if not done), len(TASKS))
         if task > p["ambition"]:  # done with what it meant to do: potter about, gather some wood
-            return None if inv[WOOD] else self._walk(agent, grid, inv, creature, target=lambda n: grid[n] == TREE)
+            return None if inv[WOOD] else self._walk(agent, grid, inv, creature, TREE)
         if p["scares"] and abs(creature[0] - agent[0]) + abs(creature[1] - agent[1]) == 1:
             return self._face_and(agent, creature, button=1)
         if task == 1 and inv[WOOD] >= min(max(TABLE_COST, p["hoard"]), MAX_COUNT):
-            faced = (agent[0] + MOVES[facing + 1][0], agent[1] + MOVES[facing + 1][1])
-            if 0 <= faced[0] < ROWS and 0 <= faced[1] < COLS and grid[faced] in WALKABLE and faced != creature:
+            faced = _next(agent, facing + 1)
+            if _inside(faced) and grid[faced] in WALKABLE and faced != creature:
                 return np.array([0, 0, 1, 0], np.int64)  # place the table on the faced tile
             return None  # turn by wandering a step, try again next frame
-        need = {1: TREE, 3: STONE, 5: IRON, 7: DIAMOND}.get(task)
-        if need is None and inv[WOOD] == 0:  # every pickaxe costs one wood
-            need = TREE
-        if need is not None:
-            return self._walk(agent, grid, inv, creature, target=lambda n: grid[n] == need)
-        return self._walk(agent, grid, inv, creature, target=lambda n: grid[n] == TABLE, button=3)
+        # Mine the rung's material, or craft its pickaxe at a table (each pickaxe costs one wood: get some first).
+        tile = {1: TREE, 3: STONE, 5: IRON, 7: DIAMOND}.get(task, TABLE if inv[WOOD] else TREE)
+        return self._walk(agent, grid, inv, creature, tile, button=3 if tile == TABLE else 1)
 
     def _face_and(self, agent, cell, button=0) -> np.ndarray:
         """Move toward an adjacent cell (a blocked move only turns) and press `button` (1 use, 3 craft)."""
-        action = np.array([1 + MOVES[1:].index((cell[0] - agent[0], cell[1] - agent[1])), 0, 0, 0], np.int64)
-        if button:
-            action[button] = 1
-        return action
+        move = 1 + MOVES[1:].index((cell[0] - agent[0], cell[1] - agent[1]))
+        return np.array([move, button == 1, button == 2, button == 3], np.int64)
 
-    def _walk(self, agent, grid, inv, creature, target, button=1):
-        """Shortest path (BFS) through walkable tiles and tiles we can mine on the way; returns the
-        first action of the path: a step, or turn + use to clear an obstacle, or at the end: turn
-        toward the target and press `button`."""
+    def _walk(self, agent, grid, inv, creature, tile, button=1):
+        """The first action of a shortest path (BFS through walkable tiles and tiles we can mine on the way)
+        next to a `tile`: a step, or turn + use to clear an obstacle, or at the end: face it and press `button`."""
         minable = {TREE} | {t for t, (tool, _, _) in MINE.items() if tool is not None and inv[tool]}
         passable = np.isin(grid, list(WALKABLE) + sorted(minable))
         passable[creature] = False  # it blocks the way (or gets scared off, see `scares`)
         parent = _bfs(passable, agent)
         for cell in parent:  # BFS order: the nearest cell first (obstacles on the way get mined)
-            goal = next((n for n in ((cell[0] + dr, cell[1] + dc) for dr, dc in MOVES[1:])
-                         if 0 <= n[0] < ROWS and 0 <= n[1] < COLS and target(n)), None)
+            goal = next((n for n in (_next(cell, m) for m in range(1, 5)) if _inside(n) and grid[n] == tile), None)
             if goal is None:
                 continue
             if cell == agent:
@@ -516,25 +425,16 @@ class ContractorPolicy:
         return None
 
 
-# ==============================================================================================
-# Running players in the real environment: rollouts and evaluation
-# ==============================================================================================
-
-
 def episode_seed(seed: int, stream: str, i: int) -> int:
     """Independent world seeds per purpose: dataset worlds and evaluation worlds never coincide."""
-    stream_id = {"data": 0, "eval": 1, "bench": 2, "players": 3}[stream]
+    stream_id = ["data", "eval", "bench", "players"].index(stream)
     return int(np.random.SeedSequence([seed, stream_id, i]).generate_state(1)[0])
 
 
-def rollout(policy, seeds: list[int], image_size: int = 64, episode_len: int = 256,
-            keep_frames: bool = True) -> dict:
-    """Play len(seeds) episodes in lockstep, recording them in the data contract's indexing.
-
-    policy: an object with reset(n_envs) and act(frames (B, H, W, 3) uint8) -> (B, A) int64, or a
-    plain callable frames -> actions; B = len(seeds) environments. Returns frames (B, T, H, W, 3)
-    or None, actions (B, T, A), rewards (B, T, n_tasks).
-    """
+def rollout(policy, seeds: list[int], image_size: int = 64, episode_len: int = 256, keep_frames: bool = True) -> dict:
+    """Play B = len(seeds) episodes in lockstep, recorded in the data contract's indexing. policy: an object with
+    reset(n_envs) and act(frames (B, H, W, 3) uint8) -> (B, A) int64, or a plain callable frames -> actions.
+    Returns frames (B, T, H, W, 3) (None unless keep_frames), actions (B, T, A), rewards (B, T, n_tasks)."""
     B, T, A = len(seeds), episode_len, len(ACTION_COMPONENTS)
     envs = [Env(image_size, episode_len) for _ in seeds]
     frame = np.stack([env.reset(s) for env, s in zip(envs, seeds)])  # (B, H, W, 3)
@@ -542,8 +442,7 @@ def rollout(policy, seeds: list[int], image_size: int = 64, episode_len: int = 2
     if hasattr(policy, "reset"):
         policy.reset(B)
     frames = np.empty((B, T, *frame.shape[1:]), np.uint8) if keep_frames else None
-    actions = np.zeros((B, T, A), np.int64)
-    rewards = np.zeros((B, T, len(TASKS)), np.float32)  # row 0 stays 0: nothing led into frame 0
+    actions, rewards = np.zeros((B, T, A), np.int64), np.zeros((B, T, len(TASKS)), np.float32)  # rewards[:, 0] = 0
     classes = np.array([n for _, n in ACTION_COMPONENTS])
     for t in range(T):
         if keep_frames:
@@ -561,8 +460,7 @@ def rollout(policy, seeds: list[int], image_size: int = 64, episode_len: int = 2
 
 
 def success_rates(rewards: np.ndarray) -> dict:
-    """rewards (E, T, n_tasks) for E episodes -> {task: {"rate", "stderr"}}: the share of episodes
-    that reached each milestone, with the binomial standard error sqrt(p(1 − p)/E)."""
+    """rewards (E, T, n_tasks) -> {task: {"rate", "stderr"}}: share of episodes reaching it, stderr √(p(1 − p)/E)."""
     hit = rewards.max(1) > 0  # (E, n_tasks)
     p, n = hit.mean(0), len(hit)
     return {k: {"rate": float(p[j]), "stderr": float(np.sqrt(p[j] * (1 - p[j]) / n))} for j, k in enumerate(TASKS)}
@@ -570,16 +468,11 @@ def success_rates(rewards: np.ndarray) -> dict:
 
 def evaluate(policy, episodes: int = 100, seed: int = 0, image_size: int = 64, episode_len: int = 256,
              batch: int = 50) -> dict:
-    """Score any policy in the real environment, on evaluation worlds no dataset contains.
-
-    Returns {"success": {task: {"rate", "stderr"}}, "return": {"mean", "stderr"}, "episodes": n}.
-    `batch` episodes run in lockstep (the policy sees (batch, H, W, 3) frames at a time).
-    """
-    rewards = []
-    for start in range(0, episodes, batch):
-        seeds = [episode_seed(seed, "eval", i) for i in range(start, min(start + batch, episodes))]
-        rewards.append(rollout(policy, seeds, image_size, episode_len, keep_frames=False)["rewards"])
-    rewards = np.concatenate(rewards)  # (episodes, T, n_tasks)
+    """Score any policy in the real environment, on evaluation worlds no dataset contains, `batch` episodes in
+    lockstep. Returns {"success": {task: {"rate", "stderr"}}, "return": {"mean", "stderr"}, "episodes": n}."""
+    chunks = [range(start, min(start + batch, episodes)) for start in range(0, episodes, batch)]
+    rewards = np.concatenate([rollout(policy, [episode_seed(seed, "eval", i) for i in chunk], image_size, episode_len,
+                                      keep_frames=False)["rewards"] for chunk in chunks])  # (episodes, T, n_tasks)
     ret = rewards.sum((1, 2))  # (episodes,) number of milestones reached
     return {"success": success_rates(rewards), "episodes": episodes,
             "return": {"mean": float(ret.mean()), "stderr": float(ret.std() / np.sqrt(len(ret)))}}
@@ -587,8 +480,7 @@ def evaluate(policy, episodes: int = 100, seed: int = 0, image_size: int = 64, e
 
 def bench_env(image_size: int = 64, steps: int = 20000) -> float:
     """Environment frames/s on one core, rendering included, random actions."""
-    env = Env(image_size, episode_len=10 ** 9)
-    acts = RandomPolicy(0).act(np.zeros((steps, 1)))  # (steps, A)
+    env, acts = Env(image_size, episode_len=10 ** 9), RandomPolicy(0).act(np.zeros((steps, 1)))  # acts (steps, A)
     env.reset(episode_seed(0, "bench", 0))
     t0 = time.perf_counter()
     for a in acts:
@@ -602,14 +494,9 @@ def print_rates(title: str, result: dict) -> None:
         print(f"  {k:<20s} {100 * r['rate']:5.1f} % ± {100 * r['stderr']:.1f}")
 
 
-# ==============================================================================================
-# Writing a dataset
-# ==============================================================================================
-
-
+# ==== Writing a dataset: contractor episodes and pictures, or imported image folders ==========
 def split_ids(ids: list[str], heldout: float) -> dict:
-    """Held-out = the last ⌈heldout·N⌉ episodes in sorted order (at least one when N ≥ 2). By episode,
-    never by frame: windows of one episode never land on both sides."""
+    """Held-out = the last ⌈heldout·N⌉ sorted episodes (≥ 1 when N ≥ 2): by episode, never by frame."""
     ids = sorted(ids)
     n = min(len(ids) - 1, max(1, int(np.ceil(heldout * len(ids))))) if len(ids) >= 2 and heldout > 0 else 0
     return {"train": ids[:len(ids) - n], "heldout": ids[len(ids) - n:]}
@@ -617,25 +504,21 @@ def split_ids(ids: list[str], heldout: float) -> dict:
 
 def write_episode(root: str, episode_id: str, frames: np.ndarray, actions: np.ndarray | None = None,
                   rewards: np.ndarray | None = None) -> str:
-    """Write one episode in the data contract's format (the way to bring your own labelled data):
-    frames uint8 (T, H, W, 3), actions int64 (T, A) or None, rewards float32 (T, n_tasks) or None."""
-    arrays = {"frames": frames, "actions": actions, "rewards": rewards}
-    path = os.path.join(root, episode_id + ".npz")
-    np.savez_compressed(path, **{k: v for k, v in arrays.items() if v is not None})
+    """Write one episode in the data contract's format (frames; actions, rewards unless None): bring your own."""
+    path, labels = os.path.join(root, episode_id + ".npz"), {"actions": actions, "rewards": rewards}
+    np.savez_compressed(path, frames=frames, **{k: v for k, v in labels.items() if v is not None})
     return path
 
 
 def write_meta(root: str, meta: dict) -> None:
-    """Write meta.json atomically (temp file + rename)."""
     tmp = os.path.join(root, f"meta.json.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp, os.path.join(root, "meta.json"))
+    os.replace(tmp, os.path.join(root, "meta.json"))  # atomic: a reader never sees half a meta.json
 
 
 def generate(args: Args) -> str:
-    """Play contractors in fresh worlds and write the dataset folder. Written to <out>.partial first
-    and renamed at the end, so an interrupted run never leaves a half dataset behind."""
+    """Play contractors in fresh worlds; write into <out>.partial, renamed at the end: never half a dataset."""
     root = args.out or os.path.join("data", args.name)
     if os.path.exists(root) and os.listdir(root) and (not os.path.exists(os.path.join(root, "meta.json"))
                                                       or load_meta(root).get("generator") != "minidreamer4 data.py"):
@@ -643,32 +526,27 @@ def generate(args: Args) -> str:
     tmp = root.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    t0, ids, all_rewards = time.time(), [], []
+    ids, all_rewards, t0 = [f"ep{i:06d}" for i in range(args.episodes)], [], time.time()
     batch = 16  # episodes in lockstep (batched frame decoding); fixed so the dataset depends on seed only
     for start in range(0, args.episodes, batch):
-        n = min(batch, args.episodes - start)
-        policy = ContractorPolicy(seed=episode_seed(args.seed, "players", start))
-        ep = rollout(policy, [episode_seed(args.seed, "data", start + i) for i in range(n)],
-                     args.image_size, args.episode_len)
-        for i in range(n):
-            ids.append(f"ep{start + i:06d}")
-            write_episode(tmp, ids[-1], ep["frames"][i], ep["actions"][i], ep["rewards"][i])
+        seeds = [episode_seed(args.seed, "data", i) for i in range(start, min(start + batch, args.episodes))]
+        policy = ContractorPolicy(episode_seed(args.seed, "players", start))  # fresh player profiles per batch
+        ep = rollout(policy, seeds, args.image_size, args.episode_len)
+        for i in range(len(seeds)):
+            write_episode(tmp, ids[start + i], ep["frames"][i], ep["actions"][i], ep["rewards"][i])
         all_rewards.append(ep["rewards"])
-        if (start // batch) % 5 == 4 or start + n == args.episodes:
-            print(f"  {start + n}/{args.episodes} episodes, {time.time() - t0:.1f}s", flush=True)
-    gen_s = time.time() - t0
-    rewards = np.concatenate(all_rewards)  # (episodes, T, n_tasks)
+        if (start // batch) % 5 == 4 or start + len(seeds) == args.episodes:
+            print(f"  {start + len(seeds)}/{args.episodes} episodes, {time.time() - t0:.1f}s", flush=True)
+    gen_s, rewards = time.time() - t0, np.concatenate(all_rewards)  # rewards (episodes, T, n_tasks)
     meta = {"format_version": 1, "generator": "minidreamer4 data.py", "name": os.path.basename(root.rstrip("/")),
             "image_size": args.image_size, "fps": args.fps, "episode_len": args.episode_len,
-            "action_components": [list(c) for c in ACTION_COMPONENTS], "tasks": TASKS,
-            "episodes": len(ids), "frames": len(ids) * args.episode_len,
-            "split": split_ids(ids, args.heldout), "seed": args.seed, "args": asdict(args)}
+            "action_components": [list(c) for c in ACTION_COMPONENTS], "tasks": TASKS, "episodes": len(ids),
+            "frames": len(ids) * args.episode_len, "split": split_ids(ids, args.heldout), "seed": args.seed,
+            "args": asdict(args)}
     write_meta(tmp, meta)
     order = np.argsort(-rewards.sum((1, 2)), kind="stable")  # episodes by milestones reached
-    shown = []
-    for i in order[[0, len(order) // 2, -1]]:  # the best, a median and the weakest contractor
-        with np.load(os.path.join(tmp, ids[i] + ".npz")) as z:
-            shown.append({"frames": z["frames"], "rewards": z["rewards"]})
+    shown = [{"frames": load_frames(os.path.join(tmp, ids[i] + ".npz")), "rewards": rewards[i]}
+             for i in order[[0, len(order) // 2, -1]]]  # the best, a median and the weakest contractor
     save_pictures(tmp, shown, args.fps, os.path.join("assets", "environment.png") if args.assets else None)
     shutil.rmtree(root, ignore_errors=True)  # an older dataset of ours (checked above)
     os.replace(tmp, root)
@@ -682,66 +560,131 @@ def generate(args: Args) -> str:
     return root
 
 
-# ==============================================================================================
-# Reading a dataset: validation, meta.json, the window sampler
-# ==============================================================================================
+def save_pictures(root: str, episodes: list, fps: int, asset_path: str | None = None) -> None:
+    """episodes.png: episodes [{frames (T, H, W, 3), rewards (T, n_tasks)}] as rows of frames, the first at its
+    milestones (filled up with evenly spaced frames); episode.gif: the first. asset_path: a copy of the grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    cols, (T, S) = 8, episodes[0]["frames"].shape[:2]
+    events = [(int(t), TASKS[k]) for t, k in zip(*np.nonzero(episodes[0]["rewards"]))][:cols]
+    times = [int(t) for t in np.linspace(0, T - 1, cols + 2)[1:-1] if all(abs(t - e) > 2 for e, _ in events)]
+    rows = [sorted(events + [(t, "") for t in times[:cols - len(events)]])]
+    rows += [[(int(t), "") for t in np.linspace(0, T - 1, cols)] for _ in episodes[1:]]
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.45 * len(rows)), squeeze=False)
+    for r, (row, ep) in enumerate(zip(rows, episodes)):
+        for ax, (t, name) in zip(axes[r], row):
+            ax.imshow(ep["frames"][t], interpolation="nearest")
+            ax.set_title(f"t={t} {name.replace('_', ' ')}", fontsize=6, color="C3" if name else "black")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"built-in environment {S}×{S}: the best contractor episode at its milestones (top), a median "
+                 f"and the weakest contractor (below); inventory strip at the bottom of each frame", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "episodes.png"), dpi=120)
+    plt.close(fig)
+    size = S * max(1, 128 // S)  # the GIF scaled up to about 128 pixels, nearest neighbour
+    gif = [Image.fromarray(f).resize((size, size), Image.NEAREST) for f in episodes[0]["frames"]]
+    gif[0].save(os.path.join(root, "episode.gif"), save_all=True, append_images=gif[1:], duration=1000 // fps, loop=0)
+    if asset_path:
+        os.makedirs(os.path.dirname(asset_path), exist_ok=True)
+        shutil.copyfile(os.path.join(root, "episodes.png"), asset_path)
 
+
+def import_frames(src: str, out: str, resize: int = 0, fps: int = 10, heldout: float = 0.1) -> str:
+    """DIR/<episode>/<frame images, sorted by name> -> out/ep000000.npz … (frames only) + meta.json.
+    Images must share one square size unless `resize` > 0 resizes all to resize×resize (bilinear)."""
+    from PIL import Image
+    folders = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))) if os.path.isdir(src) else []
+    if not folders:
+        raise FileNotFoundError(f"{src}: expected one sub-folder of images per episode, found none")
+    if os.path.exists(out) and os.listdir(out):
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+    tmp = out.rstrip("/") + ".partial"  # written in full, then renamed (as in generate)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    size, sources = None, {}  # sources: episode id -> its sub-folder
+    for d in folders:
+        files = sorted(f for f in os.listdir(os.path.join(src, d)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            warnings.warn(f"{os.path.join(src, d)}: no images; skipped")
+            continue
+        frames = []
+        for f in files:
+            with Image.open(os.path.join(src, d, f)) as im:
+                im = im.convert("RGB").resize((resize, resize), Image.BILINEAR) if resize else im.convert("RGB")
+                a = np.asarray(im, dtype=np.uint8)  # (H, W, 3)
+            if size is None and a.shape[0] != a.shape[1]:
+                raise ValueError(f"{os.path.join(src, d, f)}: {a.shape[0]}×{a.shape[1]} is not square; pass --resize N")
+            if size is not None and a.shape != size:
+                raise ValueError(f"{os.path.join(src, d, f)}: {a.shape[0]}×{a.shape[1]} differs from the first image "
+                                 f"({size[0]}×{size[1]}); pass --resize N to resize every image to N×N")
+            size = a.shape
+            frames.append(a)
+        sources[f"ep{len(sources):06d}"] = d
+        write_episode(tmp, list(sources)[-1], np.stack(frames))  # frames only: (T, H, W, 3)
+    write_meta(tmp, {"format_version": 1, "generator": "data.py --from-frames",
+                     "name": os.path.basename(out.rstrip("/")), "image_size": size[0], "fps": fps,
+                     "action_components": [], "tasks": [], "episodes": len(sources),
+                     "split": split_ids(list(sources), heldout), "seed": None, "sources": sources})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"imported {len(sources)} unlabeled episodes of {size[0]}×{size[1]} frames into {out}"
+          + (f" (resized to {resize}×{resize})" if resize else ""))
+    return out
+
+
+# ==== Reading a dataset: validation, meta.json, the window sampler ============================
 REGENERATE = "Regenerate a built-in dataset with `python data.py` (see --help), or fix/delete this file."
+HOW_TO_MAKE = ("Generate the built-in dataset with `python data.py`, or import images with "
+               "`python data.py --from-frames DIR --out {}`.")
 
 
-def _how_to_make(root: str) -> str:
-    return (f"Generate the built-in dataset with `python data.py`, or import images with "
-            f"`python data.py --from-frames DIR --out {root}`.")
+def _bad(path: str, problem: str, error=ValueError) -> Exception:  # names the file and says how to fix it
+    return error(f"{path}: {problem} {REGENERATE}")
 
 
-def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple:
-    """(shape, dtype) of one array in an .npz, read from its header without decompressing the data."""
-    with zf.open(name) as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-    return shape, dtype
+def _read_episode(path: str) -> tuple:
+    """(frames shape, frames dtype, actions or None, rewards or None) of one .npz, the frames left compressed."""
+    keys = []
+    try:
+        with np.load(path) as z:
+            keys = sorted(z.files)
+            with z.zip.open("frames.npy") as f:  # KeyError if there is none
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            return shape, dtype, *(z[k] if k in keys else None for k in ("actions", "rewards"))
+    except KeyError:
+        raise _bad(path, f"missing key 'frames' (found {keys}); every episode needs "
+                         f"frames uint8 (T, H, W, 3).") from None
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, …
+        raise _bad(path, f"cannot read it, the file is truncated or corrupt ({type(e).__name__}: {e}).") from None
 
 
 def check_episode(path: str, meta: dict) -> dict:
     """Check one episode file against the data contract and meta.json, without decoding its frames.
     Returns {"T", "actions" (T, A) int64 or None, "rewards" (T, n_tasks) float32 or None}."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-            if "frames" not in keys:
-                raise KeyError("frames")
-            shape, dtype = _npy_header(zf, "frames.npy")
-        with np.load(path) as z:  # the label arrays are small: read them now
-            actions = z["actions"] if "actions" in keys else None
-            rewards = z["rewards"] if "rewards" in keys else None
-    except KeyError:
-        raise ValueError(f"{path}: missing key 'frames' (found {sorted(keys)}); every episode needs "
-                         f"frames uint8 (T, H, W, 3). {REGENERATE}") from None
-    except Exception as e:  # zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, …
-        raise ValueError(f"{path}: cannot read it, the file is truncated or corrupt ({type(e).__name__}: {e}). "
-                         f"{REGENERATE}") from None
-    S, T = meta["image_size"], shape[0] if shape else 0
+    shape, dtype, actions, rewards = _read_episode(path)
+    S, T, A, K = meta["image_size"], shape[0] if shape else 0, len(meta["action_components"]), len(meta["tasks"])
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f"{path}: frames must be uint8 (T, H, W, 3), got {dtype} {shape}. {REGENERATE}")
+        raise _bad(path, f"frames must be uint8 (T, H, W, 3), got {dtype} {shape}.")
     if shape[1:3] != (S, S):
-        raise ValueError(f"{path}: frames are {shape[1]}×{shape[2]} but meta.json says image_size {S}; all episodes "
-                         f"of a dataset must share one size (import with --from-frames --resize {S}). {REGENERATE}")
+        raise _bad(path, f"frames are {shape[1]}×{shape[2]} but meta.json says image_size {S}; all episodes of a "
+                         f"dataset must share one size (import with --from-frames --resize {S}).")
     if T < 1:
-        raise ValueError(f"{path}: the episode has no frames. {REGENERATE}")
-    components, n_tasks = meta["action_components"], len(meta["tasks"])
-    if actions is not None:
-        if actions.dtype != np.int64 or actions.shape != (T, len(components)):
-            raise ValueError(f"{path}: actions must be int64 (T={T}, A={len(components)}) to match meta.json, got "
-                             f"{actions.dtype} {actions.shape}. {REGENERATE}")
-        for j, (name, n) in enumerate(components):
-            if actions[:, j].min() < 0 or actions[:, j].max() >= n:
-                raise ValueError(f"{path}: action component '{name}' has values in [{actions[:, j].min()}, "
-                                 f"{actions[:, j].max()}] but meta.json declares {n} classes (0…{n - 1}). "
-                                 f"{REGENERATE}")
-    if rewards is not None and (rewards.dtype != np.float32 or rewards.shape != (T, n_tasks)):
-        raise ValueError(f"{path}: rewards must be float32 (T={T}, n_tasks={n_tasks}) to match meta.json, got "
-                         f"{rewards.dtype} {rewards.shape}. {REGENERATE}")
+        raise _bad(path, "the episode has no frames.")
+    if actions is not None and (actions.dtype != np.int64 or actions.shape != (T, A)):
+        raise _bad(path, f"actions must be int64 (T={T}, A={A}) to match meta.json, got {actions.dtype} "
+                         f"{actions.shape}.")
+    for j, (name, n) in enumerate(meta["action_components"] if actions is not None else []):
+        if actions[:, j].min() < 0 or actions[:, j].max() >= n:
+            raise _bad(path, f"action component '{name}' has values in [{actions[:, j].min()}, {actions[:, j].max()}] "
+                             f"but meta.json declares {n} classes (0…{n - 1}).")
+    if rewards is not None and (rewards.dtype != np.float32 or rewards.shape != (T, K)):
+        raise _bad(path, f"rewards must be float32 (T={T}, n_tasks={K}) to match meta.json, got {rewards.dtype} "
+                         f"{rewards.shape}.")
     return {"T": T, "actions": actions, "rewards": rewards}
 
 
@@ -751,16 +694,13 @@ def load_frames(path: str) -> np.ndarray:
         with np.load(path) as z:
             return z["frames"]
     except Exception as e:  # a CRC error shows up only here, when the data is decompressed
-        raise ValueError(f"{path}: cannot decode frames, the file is corrupt ({type(e).__name__}: {e}). "
-                         f"{REGENERATE}") from None
+        raise _bad(path, f"cannot decode frames, the file is corrupt ({type(e).__name__}: {e}).") from None
 
 
 def mapped_frames(root: str, episode_id: str) -> np.ndarray:
     """The frames of one episode as a read-only memory map of a decoded copy, <root>/.decoded/<id>.npy,
-    written on first use (and again when the .npz is newer). A window then costs a copy of its own
-    frames instead of decompressing the whole episode; the OS pages the file in and out."""
-    src = os.path.join(root, episode_id + ".npz")
-    dst = os.path.join(root, ".decoded", episode_id + ".npy")
+    written on first use (and again when the .npz is newer); the OS pages it in and out."""
+    src, dst = os.path.join(root, episode_id + ".npz"), os.path.join(root, ".decoded", episode_id + ".npy")
     if not os.path.exists(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         tmp = f"{dst[:-4]}.tmp{os.getpid()}.npy"  # write, then rename: readers never see half a file
@@ -769,53 +709,35 @@ def mapped_frames(root: str, episode_id: str) -> np.ndarray:
     return np.load(dst, mmap_mode="r")  # (T, H, W, 3) uint8
 
 
-def infer_meta(root: str) -> dict:
-    """meta.json for a bring-your-own folder that has none: the image size and label widths from the
-    files, generic names (a0…, task0…), classes = largest action + 1, the last 10 % held out."""
-    files = sorted(glob.glob(os.path.join(root, "*.npz")))
-    if not files:
-        raise FileNotFoundError(f"{root}: no .npz episodes and no meta.json. {_how_to_make(root)}")
-    sizes, maxima, n_tasks = set(), {}, set()
-    for f in files:
-        try:
-            with zipfile.ZipFile(f) as zf:
-                sizes.add(_npy_header(zf, "frames.npy")[0][1:3])
-            with np.load(f) as z:
-                if "actions" in z.files:
-                    maxima[f] = z["actions"].max(0)  # (A,)
-                if "rewards" in z.files:
-                    n_tasks.add(z["rewards"].shape[1])
-        except Exception as e:
-            raise ValueError(f"{f}: cannot read it ({type(e).__name__}: {e}). {REGENERATE}") from None
-    widths = {len(m) for m in maxima.values()}
-    if len(sizes) != 1 or len(widths) > 1 or len(n_tasks) > 1:
-        raise ValueError(f"{root}: episodes disagree (image sizes {sorted(sizes)}, action widths {sorted(widths)}, "
-                         f"reward widths {sorted(n_tasks)}); write meta.json yourself or fix the files.")
-    (H, W), = sizes
-    most = np.max(list(maxima.values()), axis=0) if maxima else []  # (A,)
-    ids = [os.path.basename(f)[:-4] for f in files]
-    return {"format_version": 1, "generator": "inferred by data.py", "name": os.path.basename(root.rstrip("/")),
-            "image_size": H, "fps": 10,
-            "action_components": [[f"a{j}", max(2, int(m) + 1)] for j, m in enumerate(most)],
-            "tasks": [f"task{k}" for k in range(next(iter(n_tasks), 0))], "episodes": len(ids),
-            "split": split_ids(ids, 0.1), "seed": None}
-
-
 def load_meta(root: str) -> dict:
-    """Read meta.json (inferring and writing it if absent). action_components become (name, classes) tuples."""
+    """Read meta.json; action_components become (name, classes) tuples. A bring-your-own folder without one gets
+    it inferred from the episodes and written (see the module docstring's deviations)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset folder {root} does not exist. {_how_to_make(root)}")
-    path = os.path.join(root, "meta.json")
+        raise FileNotFoundError(f"dataset folder {root} does not exist. {HOW_TO_MAKE.format(root)}")
+    path, files = os.path.join(root, "meta.json"), sorted(glob.glob(os.path.join(root, "*.npz")))
     if not os.path.exists(path):
-        meta = infer_meta(root)
-        write_meta(root, meta)
+        if not files:
+            raise FileNotFoundError(f"{root}: no .npz episodes and no meta.json. {HOW_TO_MAKE.format(root)}")
+        heads = [_read_episode(f) for f in files]  # (frames shape, frames dtype, actions, rewards) per episode
+        sizes, n_tasks = {tuple(h[0][1:3]) for h in heads}, {h[3].shape[-1] for h in heads if h[3] is not None}
+        maxima = [h[2].max(0) for h in heads if h[2] is not None and len(h[2])]  # (A,) per labelled episode
+        if len(sizes) != 1 or len({len(m) for m in maxima}) > 1 or len(n_tasks) > 1:
+            raise ValueError(f"{root}: episodes disagree (image sizes {sorted(sizes)}, action widths "
+                             f"{sorted({len(m) for m in maxima})}, reward widths {sorted(n_tasks)}); write meta.json "
+                             f"yourself or fix the files.")
+        classes = [max(2, int(m) + 1) for m in (np.max(maxima, axis=0) if maxima else [])]  # largest action + 1
+        ids = [os.path.basename(f)[:-4] for f in files]
+        write_meta(root, {"format_version": 1, "generator": "inferred by data.py",
+                          "name": os.path.basename(root.rstrip("/")), "image_size": next(iter(sizes))[0], "fps": 10,
+                          "action_components": [[f"a{j}", c] for j, c in enumerate(classes)],
+                          "tasks": [f"task{k}" for k in range(next(iter(n_tasks), 0))], "episodes": len(ids),
+                          "split": split_ids(ids, 0.1), "seed": None})
         print(f"note: {path} was missing; inferred it from the episodes and wrote it (edit names there if you like)")
     with open(path) as f:
         meta = json.load(f)
     missing = {"image_size", "fps", "action_components", "tasks", "split"} - set(meta)
     if missing:
-        raise ValueError(f"{path}: missing fields {sorted(missing)}. Delete meta.json to have it inferred, "
-                         f"or {REGENERATE}")
+        raise _bad(path, f"missing fields {sorted(missing)}. Delete meta.json to have it inferred, or")
     meta["action_components"] = [(str(n), int(c)) for n, c in meta["action_components"]]
     return meta
 
@@ -824,9 +746,9 @@ def _split_ids(root: str, meta: dict, split: str) -> list[str]:
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
     ids = meta["split"]["train"] + meta["split"]["heldout"] if split == "all" else meta["split"][split]
-    for i in ids:
-        if not os.path.exists(os.path.join(root, i + ".npz")):
-            raise FileNotFoundError(f"{os.path.join(root, i + '.npz')}: listed in meta.json but missing. {REGENERATE}")
+    for path in (os.path.join(root, i + ".npz") for i in ids):
+        if not os.path.exists(path):
+            raise _bad(path, "listed in meta.json but missing.", FileNotFoundError)
     return ids
 
 
@@ -836,60 +758,46 @@ def iter_episodes(root: str, split: str = "train"):
     meta = load_meta(root)
     for i in _split_ids(root, meta, split):
         path = os.path.join(root, i + ".npz")
-        info = check_episode(path, meta)
-        yield {"id": i, "frames": load_frames(path), "actions": info["actions"], "rewards": info["rewards"]}
+        yield {"id": i, "frames": load_frames(path), **check_episode(path, meta)}
 
 
 class SequenceDataset:
-    """Random windows of `seq_len` frames from one split of a dataset folder.
-
-    Every episode is validated up front (headers and labels only). Frames come from memory maps of
-    decoded copies (mapped_frames), at most `open_episodes` of them open at a time (LRU). Windows
-    are drawn with the dataset's own numpy Generator (seeded by `seed`), so the data stream does
-    not depend on model initialisation.
-    """
+    """Random windows of `seq_len` frames from one split of a dataset folder, drawn with the dataset's own numpy
+    Generator `rng` (seeded by `seed`: the data stream does not depend on model initialisation). Episodes are
+    validated up front (headers, labels); frames come from memory-mapped decoded copies, `open_episodes` at most."""
 
     def __init__(self, root: str, split: str = "train", seq_len: int = 16, seed: int = 0, open_episodes: int = 256):
-        self.root, self.split, self.seq_len, self.open_episodes = root, split, seq_len, open_episodes
-        self.meta = load_meta(root)
+        self.root, self.split, self.seq_len, self.meta = root, split, seq_len, load_meta(root)
         self.image_size, self.tasks = self.meta["image_size"], self.meta["tasks"]
         self.action_components = self.meta["action_components"]
-        self.ids, self.episodes = [], []
-        for i in _split_ids(root, self.meta, split):
-            info = check_episode(os.path.join(root, i + ".npz"), self.meta)
-            if info["T"] < seq_len:
-                warnings.warn(f"{root}/{i}.npz: {info['T']} frames < seq_len {seq_len}; skipped")
-                continue
-            self.ids.append(i)
-            self.episodes.append(info)
+        checked = {i: check_episode(os.path.join(root, i + ".npz"), self.meta)
+                   for i in _split_ids(root, self.meta, split)}  # id -> {"T", "actions", "rewards"}
+        for i in [i for i, e in checked.items() if e["T"] < seq_len]:
+            warnings.warn(f"{root}/{i}.npz: {checked.pop(i)['T']} frames < seq_len {seq_len}; skipped")
+        self.ids, self.episodes = list(checked), list(checked.values())
         if not self.ids:
             raise ValueError(f"{root}: split '{split}' has no episode of at least seq_len={seq_len} frames "
                              f"(run `python data.py` to generate, or lower seq_len)")
         self.n_frames = sum(e["T"] for e in self.episodes)
         # Uniform sampling over every valid window: episode i owns T_i − seq_len + 1 start positions.
         self.offsets = np.cumsum([0] + [e["T"] - seq_len + 1 for e in self.episodes])  # (n_episodes + 1,)
-        # Reward events for "relevant" windows, grouped by task: rows (episode index, t).
-        self.events = {}
+        self.events = {}  # task -> its reward events [(episode index, t)], for "relevant" windows
         for i, e in enumerate(self.episodes):
-            if e["rewards"] is not None:
-                for t, k in zip(*np.nonzero(e["rewards"] > 0)):
-                    self.events.setdefault(int(k), []).append((i, int(t)))
+            for t, k in zip(*np.nonzero(e["rewards"] > 0)) if e["rewards"] is not None else []:
+                self.events.setdefault(int(k), []).append((i, int(t)))
         self.rng = np.random.default_rng(seed)
-        self._maps = OrderedDict()  # episode index -> memory-mapped frames (T, H, W, 3)
+        # Episode index -> memory-mapped frames (T, H, W, 3). Each open map holds a file descriptor, so only
+        # the `open_episodes` most recently used stay open.
+        self._frames = functools.lru_cache(open_episodes)(lambda i, ids=self.ids: mapped_frames(root, ids[i]))
 
-    def _frames(self, i: int) -> np.ndarray:
-        if i in self._maps:
-            self._maps.move_to_end(i)
-        else:
-            self._maps[i] = mapped_frames(self.root, self.ids[i])
-            if len(self._maps) > self.open_episodes:  # each open map holds a file descriptor
-                self._maps.popitem(last=False)  # close the least recently used one
-        return self._maps[i]
-
-    def _relevant_window(self) -> tuple[int, int, int]:
-        """A window that contains a reward event and the action that caused it. The task is drawn
-        uniformly among the tasks that have events (so rare rungs are not drowned out), then one of
-        its events uniformly, then the start uniformly among the windows holding frames t−1 and t."""
+    def _window(self, relevant: bool) -> tuple[int, int, int]:
+        """(episode index, start, task). Uniform: over every valid window (task −1). Relevant: a window holding
+        a reward event and the action that caused it: the task uniformly among the tasks with events (so rare
+        rungs are not drowned out), then one of its events, then the start among the windows with t−1 and t."""
+        if not relevant:
+            u = int(self.rng.integers(self.offsets[-1]))  # a window index
+            i = int(np.searchsorted(self.offsets, u, side="right")) - 1
+            return i, u - int(self.offsets[i]), -1
         k = sorted(self.events)[self.rng.integers(len(self.events))]
         i, t = self.events[k][self.rng.integers(len(self.events[k]))]
         lo = max(0, t - self.seq_len + 1)
@@ -897,40 +805,25 @@ class SequenceDataset:
         return i, int(self.rng.integers(lo, hi + 1)), k
 
     def sample(self, batch_size: int, relevant: float = 0.0) -> dict:
-        """A batch of windows as torch tensors (CPU; move them to the device yourself):
-          frames uint8 (B, T, H, W, 3); actions int64 (B, T, A) and rewards float32 (B, T, n_tasks),
-          zeros where an episode has no labels, with has_actions / has_rewards bool (B,);
-          task int64 (B,) (the reward event's task for relevant rows, −1 for uniform rows);
-          relevant bool (B,); episode int64 (B,) (index into .ids) and start int64 (B,).
-        relevant: the fraction of rows (the first ones) drawn from task-relevant windows; True = all.
-        """
-        n_rel = int(round(batch_size * float(relevant)))
+        """A batch of windows, CPU tensors: frames uint8 (B, T, H, W, 3); actions int64 (B, T, A), rewards float32
+        (B, T, n_tasks), zeros where unlabeled, with has_actions / has_rewards bool (B,); task int64 (B,) (the
+        event's task, −1 for uniform rows); relevant bool (B,); episode (index into .ids), start int64 (B,).
+        relevant: the fraction of rows (the first ones) drawn from task-relevant windows; True = all."""
+        n_rel, T = int(round(batch_size * float(relevant))), self.seq_len
         if n_rel and not self.events:
             raise ValueError(f"{self.root}: no reward events in split '{self.split}', so no relevant windows")
-        rows = []
-        for b in range(batch_size):
-            if b < n_rel:
-                rows.append(self._relevant_window())
-            else:
-                u = int(self.rng.integers(self.offsets[-1]))  # a window index, uniform over all windows
-                i = int(np.searchsorted(self.offsets, u, side="right")) - 1
-                rows.append((i, u - int(self.offsets[i]), -1))
-        T, A, K = self.seq_len, len(self.action_components), len(self.tasks)
-        frames = np.stack([self._frames(i)[s:s + T] for i, s, _ in rows])  # (B, T, H, W, 3)
-        actions = np.zeros((batch_size, T, A), np.int64)
-        rewards = np.zeros((batch_size, T, K), np.float32)
-        for b, (i, s, _) in enumerate(rows):
-            e = self.episodes[i]
-            if e["actions"] is not None:
-                actions[b] = e["actions"][s:s + T]
-            if e["rewards"] is not None:
-                rewards[b] = e["rewards"][s:s + T]
+        rows = [self._window(b < n_rel) for b in range(batch_size)]
+        out = {"frames": torch.from_numpy(np.stack([self._frames(i)[s:s + T] for i, s, _ in rows]))}  # (B, T, H, W, 3)
+        for key, width, dtype in [("actions", len(self.action_components), np.int64),
+                                  ("rewards", len(self.tasks), np.float32)]:
+            labels = np.zeros((batch_size, T, width), dtype)  # (B, T, A) or (B, T, n_tasks)
+            for b, (i, s, _) in enumerate(rows):
+                if self.episodes[i][key] is not None:
+                    labels[b] = self.episodes[i][key][s:s + T]
+            out[key] = torch.from_numpy(labels)
+            out["has_" + key] = torch.tensor([self.episodes[i][key] is not None for i, _, _ in rows])
         idx = lambda j: torch.tensor([r[j] for r in rows], dtype=torch.int64)  # (B,)
-        return {"frames": torch.from_numpy(frames), "actions": torch.from_numpy(actions),
-                "rewards": torch.from_numpy(rewards),
-                "has_actions": torch.tensor([self.episodes[i]["actions"] is not None for i, _, _ in rows]),
-                "has_rewards": torch.tensor([self.episodes[i]["rewards"] is not None for i, _, _ in rows]),
-                "task": idx(2), "relevant": torch.arange(batch_size) < n_rel, "episode": idx(0), "start": idx(1)}
+        return {**out, "task": idx(2), "relevant": torch.arange(batch_size) < n_rel, "episode": idx(0), "start": idx(1)}
 
 
 def ensure_dataset(name_or_path: str) -> str:
@@ -941,114 +834,13 @@ def ensure_dataset(name_or_path: str) -> str:
     if os.path.exists(os.path.join(path, "meta.json")) or glob.glob(os.path.join(path, "*.npz")):
         return path
     name = os.path.basename(os.path.normpath(path))
-    if name in BUILTIN:
-        preset = BUILTIN[name]
-        cmd = "python data.py" + ("" if preset == "default" else f" --preset {preset}")
-        print(f"dataset {path} not found: generating the built-in '{name}' dataset now (`{cmd}`)", flush=True)
-        generate(parse_args(Args, PRESETS, ["--preset", preset, "--out", path, "--no-assets"]))
-        return path
-    raise FileNotFoundError(f"dataset {path} does not exist. Built-in datasets: {sorted(BUILTIN)} (`python data.py`); "
-                            f"your own frames: `python data.py --from-frames DIR --out {path}`.")
-
-
-# ==============================================================================================
-# Bring your own data: folders of images -> unlabeled episodes
-# ==============================================================================================
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def import_frames(src: str, out: str, resize: int = 0, fps: int = 10, heldout: float = 0.1) -> str:
-    """DIR/<episode>/<frame images, sorted by name> -> out/ep000000.npz … (frames only) + meta.json.
-    Images must share one square size unless `resize` > 0 resizes all to resize×resize (bilinear)."""
-    from PIL import Image
-
-    folders = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))) if os.path.isdir(src) else []
-    if not folders:
-        raise FileNotFoundError(f"{src}: expected one sub-folder of images per episode, found none")
-    if os.path.exists(out) and os.listdir(out):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    size, ids, sources = None, [], {}
-    for d in folders:
-        files = sorted(f for f in os.listdir(os.path.join(src, d)) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            warnings.warn(f"{os.path.join(src, d)}: no images; skipped")
-            continue
-        frames = []
-        for f in files:
-            with Image.open(os.path.join(src, d, f)) as im:
-                im = im.convert("RGB")
-                if resize:
-                    im = im.resize((resize, resize), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.uint8)  # (H, W, 3)
-            if size is None and a.shape[0] != a.shape[1]:
-                raise ValueError(f"{os.path.join(src, d, f)}: {a.shape[0]}×{a.shape[1]} is not square; "
-                                 f"pass --resize N")
-            if size is not None and a.shape != size:
-                raise ValueError(f"{os.path.join(src, d, f)}: {a.shape[0]}×{a.shape[1]} differs from the first image "
-                                 f"({size[0]}×{size[1]}); pass --resize N to resize every image to N×N")
-            size = a.shape
-            frames.append(a)
-        ids.append(f"ep{len(ids):06d}")
-        sources[ids[-1]] = d
-        write_episode(tmp, ids[-1], np.stack(frames))  # frames only: (T, H, W, 3)
-    meta = {"format_version": 1, "generator": "data.py --from-frames", "name": os.path.basename(out.rstrip("/")),
-            "image_size": size[0], "fps": fps, "action_components": [], "tasks": [], "episodes": len(ids),
-            "split": split_ids(ids, heldout), "seed": None, "sources": sources}
-    write_meta(tmp, meta)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    print(f"imported {len(ids)} unlabeled episodes of {size[0]}×{size[1]} frames into {out}"
-          + (f" (resized to {resize}×{resize})" if resize else ""))
-    return out
-
-
-# ==============================================================================================
-# Pictures
-# ==============================================================================================
-
-
-def save_pictures(root: str, episodes: list, fps: int, asset_path: str | None = None) -> None:
-    """episodes.png: the first episode at the frames where it reached a milestone (filled up with
-    evenly spaced frames), the others at evenly spaced times; episode.gif: the first episode.
-    episodes: dicts with frames (T, H, W, 3) and rewards (T, n_tasks). asset_path: also copy here."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    cols, T = 8, len(episodes[0]["frames"])
-    events = [(int(t), TASKS[k]) for t, k in zip(*np.nonzero(episodes[0]["rewards"]))][:cols]
-    times = [int(t) for t in np.linspace(0, T - 1, cols + 2)[1:-1] if all(abs(t - e) > 2 for e, _ in events)]
-    rows = [sorted(events + [(t, "") for t in times[:cols - len(events)]])]
-    rows += [[(int(t), "") for t in np.linspace(0, T - 1, cols)] for _ in episodes[1:]]
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.45 * len(rows)), squeeze=False)
-    for r, (row, ep) in enumerate(zip(rows, episodes)):
-        for ax, (t, name) in zip(axes[r], row):
-            ax.imshow(ep["frames"][t], interpolation="nearest")
-            ax.set_title(f"t={t} {name.replace('_', ' ')}", fontsize=6, color="C3" if name else "black")
-        for ax in axes[r]:
-            ax.axis("off")
-    S = episodes[0]["frames"].shape[1]
-    fig.suptitle(f"built-in environment {S}×{S}: the best contractor episode at its milestones (top), a median "
-                 f"and the weakest contractor (below); inventory strip at the bottom of each frame", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "episodes.png"), dpi=120)
-    plt.close(fig)
-    scale = max(1, 128 // S)
-    gif = [Image.fromarray(f).resize((S * scale, S * scale), Image.NEAREST) for f in episodes[0]["frames"]]
-    gif[0].save(os.path.join(root, "episode.gif"), save_all=True, append_images=gif[1:], duration=1000 // fps, loop=0)
-    if asset_path:
-        os.makedirs(os.path.dirname(asset_path), exist_ok=True)
-        shutil.copyfile(os.path.join(root, "episodes.png"), asset_path)
-
-
-# ==============================================================================================
-# main
-# ==============================================================================================
+    if name not in BUILTIN:
+        raise FileNotFoundError(f"dataset {path} does not exist. Built-in datasets: {sorted(BUILTIN)} (`python "
+                                f"data.py`); your own frames: `python data.py --from-frames DIR --out {path}`.")
+    cmd = "python data.py" + ("" if BUILTIN[name] == "default" else f" --preset {BUILTIN[name]}")
+    print(f"dataset {path} not found: generating the built-in '{name}' dataset now (`{cmd}`)", flush=True)
+    generate(parse_args(Args, PRESETS, ["--preset", BUILTIN[name], "--out", path, "--no-assets"]))
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,8 +104,8 @@ PRESETS = {
     "smoke": dict(data="data/smoke", out="runs/smoke/tokenizer", image_size=32, patch=8, width=32, depth=4,
                   heads=2, n_latents=8, latent_dim=4, window=2, seq_len=4, batch_size=2, steps=6,
                   warmup=2, log_every=2, eval_every=3, eval_batches=1),
-    "cpu": dict(data="data/diamond32", out="runs/cpu/tokenizer", image_size=32, patch=4, width=128, depth=4,
-                heads=4, n_latents=32, latent_dim=8, window=4, seq_len=6, batch_size=8, steps=3000,
+    "cpu": dict(data="data/diamond32", out="runs/cpu/tokenizer", image_size=32, patch=8, width=128, depth=4,
+                heads=4, n_latents=16, latent_dim=8, window=4, seq_len=6, batch_size=8, steps=2500,
                 lr=1e-3, warmup=200, log_every=100, eval_every=500, eval_batches=8),
 }
 
@@ -589,7 +589,7 @@ def train(a: Args) -> dict:
     common.write_json(os.path.join(a.out, "args.json"), asdict(a))
     print("args:", json.dumps(asdict(a)))
     fwd = torch.compile(model) if a.compile else model
-    log = common.MetricsLog(a.out, a.steps, resume=a.resume)
+    log = common.MetricsLog(a.out, a.steps, resume=a.resume, start_step=step)
 
     def save(step):
         common.save_checkpoint(ckpt_path, {

@@ -146,7 +146,7 @@ def test_dataset_files_and_split_hygiene(smoke):
         assert b["has_actions"].all() and b["has_rewards"].all() and (b["task"] == -1).all()
         assert {ds.ids[i] for i in b["episode"].tolist()} <= set(ids)  # windows only from this split
         assert ((b["start"] >= 0) & (b["start"] <= 64 - 16)).all()
-        assert len(ds._maps) <= 2  # the LRU bound on open memory maps holds
+        assert ds._frames.cache_info().currsize <= 2  # the LRU bound on open memory maps holds
     # Every frame of a window equals the file's frames at the same positions.
     ds = data.SequenceDataset(smoke, "train", seq_len=16, seed=3)
     b = ds.sample(4)
