@@ -1,0 +1,756 @@
+"""Stage 1b — interactive dynamics with shortcut forcing (Dreamer 4 §3.2, Eqs 1–4, 6–8; §3.4).
+
+The dynamics model predicts the next frame's latents from the past frames and the player's
+actions. It is a diffusion-forcing transformer over the frozen tokenizer's latents (tokenizer.py):
+every frame gets its own signal level τ_t and step size d_t, the network predicts the clean
+latents ẑ₁ (x-prediction), and it is trained with shortcut forcing so that K = 4 sampling steps
+per frame are enough (the paper's 64 → 4, "16× faster", Fig 8).
+
+Signal-level convention (the paper's, PAPER.md §1): τ = 0 is pure noise, τ = 1 is clean data,
+z̃ = (1 − τ)·noise + τ·clean. Many flow-matching libraries use the opposite (t = 1 is noise);
+nothing in this file does.
+
+Per time step t the transformer sees (DESIGN.md §3, token order):
+    [ action a_{t−1} | (τ_t, d_t) | N_z packed latent tokens of z̃_t | S_r registers ]
+a_{t−1} is the action that *led into* frame t; frame 0 and unlabelled clips get the learned
+"no action" base embedding alone.
+
+Reads:  runs/tokenizer/ckpt.pt and its latent cache runs/tokenizer/latents/ (`python tokenizer.py`).
+Writes: runs/dynamics/  ckpt.pt, args.json, metrics.jsonl, summary.json, rollout.png, rollout.gif,
+        rollout_psnr.png, loss_tau_d.png.
+
+Run:
+    python dynamics.py --steps 10000     # default preset: 64×64, one GPU
+    python dynamics.py --preset cpu      # 32×32, 2 CPU cores, ≤ 15 min (after tokenizer.py --preset cpu)
+    python dynamics.py --preset smoke    # seconds; used by the tests
+
+Equation map:
+    Eq 4   d ~ 1/U{1, 2, 4, …, K_max},  τ ~ U{0, d, …, 1 − d}     -> sample_tau_d
+    Eq 6   z̃ = (1 − τ)·z₀ + τ·z₁,  ẑ₁ = f_θ(z̃, τ, d, a)          -> corrupt, DynamicsModel
+    Eq 7   footnote: v̂ = (ẑ₁ − z̃)/(1 − τ)                        -> x_to_velocity
+    Eq 7   shortcut forcing: flow term at d = d_min, bootstrap
+           term (1 − τ)²·‖v̂ − sg(b′ + b″)/2‖² above it             -> shortcut_forcing_loss
+    Eq 8   w(τ) = 0.9τ + 0.1                                      -> ramp_weight
+    Eq 2   Euler in x-form: z ← z + (ẑ₁ − z)·d/(1 − τ)             -> sample_frame, rollout
+    §3.4   start frames, alternating batch lengths, KV cache      -> forcing_batch, batch_shape, rollout
+
+Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
+  - K_max = 64 (not stated in the paper; its K = 64 baseline suggests it).
+  - By default we train step sizes d ∈ {1/4, …, 1/64} only (`--k-min 4`; `--k-min 1` is the literal
+    Eq 4 with d up to 1). Inference uses K = 4, so d = 1/2 and d = 1 are never needed for it. At our
+    scale (1M-parameter model, a few thousand CPU steps) the two largest steps derailed training:
+    their targets are the network's own one- and two-step generations from pure noise, nearly all
+    frames at τ = 0 and τ = ½ are bootstrap frames (so nothing anchors the shared network there),
+    and within ~100 steps of adding them the flow-level prediction from clean context went from
+    MSE 0.05 to 0.6-0.9 (worse than predicting the mean frame). K = 1, 2 still run, from levels
+    that were not trained.
+  - τ and d are drawn per frame (literal Eq 4 + diffusion forcing), so flow and bootstrap frames mix
+    within a sequence. The paper does not say whether d is per frame or per sequence.
+  - Eq 4 typo fixed: τ ∈ {0, d, …, 1 − d} (the paper prints 1/d; PAPER.md §9).
+  - The ramp weight multiplies both the flow and the bootstrap term (the paper does not say which).
+  - Bootstrap targets come from the online weights under no_grad (the paper writes f_θ; no EMA).
+  - The two half-step passes move every bootstrap frame of the sequence in parallel, each with its
+    own τ_t (PAPER.md §4.4). Flow frames (d = d_min) are not moved in those passes: d_min/2 is not
+    on the grid; they stay at (z̃_t, τ_t, d_min) as context.
+  - Safeguard (not in the paper): the two half-step x-predictions that build the bootstrap target
+    are clamped to the latent range [−1, 1] (the tokenizer's tanh bottleneck; `--boot-clip`). The
+    ideal denoiser E[z₁ | z̃] always lies in that range, so the clamp never changes its target; it
+    stops a runaway we saw with online-weight targets (an expansive f makes the target f(z′) larger
+    than f(z̃), which the shared weights then chase). The shortcut-models code clips its bootstrap
+    state to [−4, 4] and uses EMA targets, for the same reason. (Seen with a plain MLP on a 1-D
+    two-mode toy; tests/test_dynamics.py trains that toy with the clamp.)
+  - Loss: one running-RMS normaliser on the whole Eq 7 loss (common.RunningRMS). Squared norms are
+    means over tokens and channels (a constant factor the normaliser removes).
+  - Context frames at inference are corrupted to "signal level 0.9" (the paper's τ_ctx = 0.1 read as
+    10 % noise, PAPER.md §9), snapped to the nearest grid point of the step they are tagged with,
+    d_min: τ_ctx = 58/64 ≈ 0.906. `--ctx-tau 1` gives clean context (edwhu's choice).
+  - Each generated frame costs K denoising passes plus one pass that writes it, at τ_ctx, into the
+    KV cache (the paper does not describe its cache).
+  - 30 % of the sequences of a batch are independent images (§3.4): their frames see only
+    themselves in time attention and carry the "no action" embedding, like any frame 0.
+  - The packed latent tokens have no pixel grid: each slot gets a learned embedding; RoPE is used
+    over time only (the paper says RoPE, not over what).
+  - One action token per step (S_a = 1): per-component embeddings summed with the base embedding.
+  - Sizes, optimiser (AdamW, warm-up, cosine), batch-length ratio and long-only share: not in paper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+from tokenizer import LatentCache, load_tokenizer, pack, psnr, unpack
+
+
+@dataclass
+class Args:
+    preset: str = "default"  # smoke | cpu | default (one GPU, 64×64)
+    tokenizer: str = "runs/tokenizer/ckpt.pt"  # parent checkpoint, written by `python tokenizer.py`
+    out: str = "runs/dynamics"  # run folder: checkpoint, metrics, summary, pictures
+    dim: int = 384  # model width D (not in paper)
+    depth: int = 8  # transformer layers; every 4th attends over time (§3.4)
+    heads: int = 8  # query heads (not in paper)
+    kv_heads: int = 2  # key/value heads: GQA in every attention layer (§3.4; ratio not in paper)
+    registers: int = 4  # S_r register tokens per frame (§3.4; count not in paper)
+    context: int = 32  # C: time attention sees the last C frames (§3.4; 192 for Minecraft)
+    mlp_ratio: float = 4.0  # SwiGLU hidden width / D (not in paper)
+    soft_cap: float = 50.0  # attention-logit soft cap (§3.4; value from Gemma 2, not in paper)
+    k_max: int = 64  # K_max: finest step d_min = 1/K_max (Eq 4; DESIGN.md §5)
+    k_min: int = 4  # coarsest step trained, d ≤ 1/k_min (Eq 4 has 1; 4 = the K used at inference; see docstring)
+    boot_clip: float = 1.0  # clamp bootstrap x-predictions to the tanh latent range ±1; 0 = off (not in paper)
+    start_frac: float = 0.3  # share of sequences per batch trained as independent images (§3.4: 30 %)
+    batch: int = 32  # sequences per short batch (not in paper)
+    seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
+    batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
+    seq_len_long: int = 64  # T₂ > C, length of long batches (§3.4: "must exceed the context length")
+    long_every: int = 8  # every n-th step is a long batch (ratio not in paper)
+    long_only_frac: float = 0.1  # final share of steps with long batches only (§3.4; share not in paper)
+    steps: int = 10000  # optimiser steps (not in paper)
+    lr: float = 3e-4  # AdamW peak learning rate (not in paper)
+    warmup: int = 500  # linear warm-up steps, then cosine decay to 10 % (not in paper)
+    weight_decay: float = 0.01  # AdamW weight decay (not in paper)
+    grad_clip: float = 1.0  # gradient-norm clipping (not in paper)
+    sample_k: int = 4  # K sampling steps per generated frame (§3.2: K = 4)
+    ctx_tau: float = 0.9  # signal level of context frames at inference (τ_ctx, PAPER.md §9; 1 = clean)
+    log_every: int = 100  # steps between log lines
+    ckpt_every: int = 1000  # steps between checkpoints
+    eval_seqs: int = 64  # held-out sequences for rollout evaluation (DESIGN.md §7); 0 skips evaluation
+    eval_context: int = 8  # context frames of the held-out rollouts (DESIGN.md §7)
+    eval_horizon: int = 16  # generated frames of the held-out rollouts (DESIGN.md §7)
+    fps_frames: int = 64  # frames generated at batch 1 to time generation (not in paper)
+    stop_at: int = 0  # stop after this step as if interrupted (to test --resume); 0 = never
+    resume: bool = False  # continue the run in --out from its ckpt.pt
+    seed: int = 0  # seed for model init; data and noise streams are derived from (seed, step)
+    device: str = "auto"  # auto | cpu | cuda | mps
+    compile: bool = False  # torch.compile the training forward (off by default)
+
+
+PRESETS = {
+    "smoke": dict(tokenizer="runs/smoke/tokenizer/ckpt.pt", out="runs/smoke/dynamics", dim=32, depth=4, heads=2,
+                  kv_heads=1, registers=2, context=4, batch=4, seq_len=4, batch_long=2, seq_len_long=6,
+                  long_every=2, steps=6, warmup=2, log_every=2, ckpt_every=3, eval_seqs=2, eval_context=2,
+                  eval_horizon=3, fps_frames=4),
+    "cpu": dict(tokenizer="runs/cpu/tokenizer/ckpt.pt", out="runs/cpu/dynamics", dim=128, depth=4, heads=4,
+                kv_heads=2, registers=4, context=16, batch=8, seq_len=8, batch_long=3, seq_len_long=24,
+                long_every=8, steps=3000, lr=1e-3, warmup=200, ckpt_every=500, eval_seqs=32, fps_frames=64),
+}
+
+FORMAT_VERSION = 1
+
+
+# ==============================================================================================
+# The signal-level / step-size grid and the small identities (Eqs 2, 4, 6, 7, 8)
+# ==============================================================================================
+
+
+def sample_tau_d(shape, k_max: int, gen: torch.Generator | None = None, device=None, k_min: int = 1):
+    """Eq 4: d ~ 1/U{1, 2, 4, …, K_max}, then τ ~ U{0, d, 2d, …, 1 − d}; one pair per frame.
+
+    k_min > 1 leaves out the largest steps: d ~ 1/U{k_min, 2·k_min, …, K_max} (see `--k-min`).
+    (The paper prints U{0, 1/d, …, 1 − 1/d}: a typo, PAPER.md §9.) τ = 1 is never drawn and
+    1 − τ ≥ d always holds, so every division by (1 − τ) in Eq 7 is safe (PITFALLS.md 12).
+    Returns τ, d: float tensors of `shape` (e.g. (B, T)).
+    """
+    e_lo, e_hi = int(round(math.log2(k_min))), int(round(math.log2(k_max)))  # d ∈ {1/k_min, …, 1/K_max}
+    e = torch.randint(e_lo, e_hi + 1, shape, generator=gen, device=device)  # d = 2^−e, e uniform
+    d = 2.0 ** (-e.float())
+    j = (torch.rand(shape, generator=gen, device=device) * 2.0 ** e).floor()  # j ~ U{0, …, 1/d − 1}
+    return j * d, d  # τ = j·d (τ = 0 is noise), d
+
+
+def corrupt(noise: torch.Tensor, clean: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Eq 6: z̃ = (1 − τ)·noise + τ·clean   (τ = 1 is clean data, τ = 0 pure noise — paper convention).
+
+    noise, clean: (B, T, N, C); tau: (B, T) per-frame signal level (or a float).
+    """
+    tau = tau[..., None, None] if torch.is_tensor(tau) and tau.dim() == 2 else tau  # (B, T, 1, 1)
+    return (1 - tau) * noise + tau * clean
+
+
+def x_to_velocity(x_hat: torch.Tensor, z: torch.Tensor, tau) -> torch.Tensor:
+    """Eq 7 footnote: v̂ = (x̂₁ − z_τ)/(1 − τ): the velocity that points from z_τ to the prediction x̂₁.
+
+    (Under τ = 1 clean, v = clean − noise.) tau: (B, T) or a float; needs τ < 1.
+    """
+    tau = tau[..., None, None] if torch.is_tensor(tau) and tau.dim() == 2 else tau  # (B, T, 1, 1)
+    return (x_hat - z) / (1 - tau)
+
+
+def ramp_weight(tau: torch.Tensor) -> torch.Tensor:
+    """Eq 8: w(τ) = 0.9τ + 0.1 — 0.1 at pure noise (τ = 0), 1.0 at clean data (τ = 1)."""
+    return 0.9 * tau + 0.1
+
+
+def context_signal_level(ctx_tau: float, k_max: int) -> float:
+    """τ_ctx snapped to the nearest point of the d_min = 1/K_max grid: 0.9 → 58/64 ≈ 0.906 (DESIGN.md §5).
+
+    Signal level, not noise level: 0.9 means 10 % noise (the paper's "τ_ctx = 0.1", PAPER.md §9).
+    """
+    return round(ctx_tau * k_max) / k_max
+
+
+def shift_actions(actions: torch.Tensor):
+    """DESIGN.md §3: actions[t] is taken AT frame t (it leads to t+1), so the action token of step t
+    carries a_{t−1}. Returns prev (B, T, A) and valid (B, T) bool; step 0 has no previous action."""
+    prev = torch.cat([torch.zeros_like(actions[:, :1]), actions[:, :-1]], dim=1)  # (B, T, A)
+    valid = torch.ones(actions.shape[:2], dtype=torch.bool, device=actions.device)  # (B, T)
+    valid[:, 0] = False
+    return prev, valid
+
+
+# ==============================================================================================
+# Model (§3.2 inputs, §3.4 transformer)
+# ==============================================================================================
+
+
+class DynamicsModel(nn.Module):
+    """ẑ₁ = f_θ(z̃, τ, d, a) (Eq 6): x-prediction of the clean packed latents of every frame.
+
+    Tokens per frame (DESIGN.md §3): [action | (τ, d) | N_z latents | S_r registers], N = 2 + N_z + S_r.
+    action_classes: classes per action component (0 = continuous, embedded by a linear map).
+    """
+
+    def __init__(self, latent_tokens: int, latent_dim: int, action_classes: list[int], dim: int, depth: int,
+                 heads: int, kv_heads: int, registers: int, context: int, mlp_ratio: float = 4.0,
+                 soft_cap: float = 50.0, k_max: int = 64):
+        super().__init__()
+        self.latent_tokens, self.latent_dim, self.k_max, self.window = latent_tokens, latent_dim, k_max, context
+        self.action_classes = list(action_classes)
+        # §3.2 actions: each component separately (lookup if categorical/binary, linear if continuous),
+        # summed with a learned base embedding; the base alone means "no action".
+        self.action_base = nn.Parameter(torch.randn(dim) * 0.02)
+        self.action_embed = nn.ModuleList(nn.Embedding(n, dim) if n > 0 else nn.Linear(1, dim)
+                                          for n in action_classes)
+        # §3.2 one (τ, d) token: two discrete embeddings concatenated along channels.
+        self.tau_embed = nn.Embedding(k_max + 1, dim // 2)  # τ ∈ {0, 1/K_max, …, 1}
+        self.d_embed = nn.Embedding(int(round(math.log2(k_max))) + 1, dim - dim // 2)  # d ∈ {1, ½, …, 1/K_max}
+        self.latent_in = nn.Linear(latent_dim, dim)  # §3.2: linear projection to the model width
+        self.latent_slot = nn.Parameter(torch.randn(latent_tokens, dim) * 0.02)  # which latent token
+        self.register_tokens = nn.Parameter(torch.randn(registers, dim) * 0.02)  # S_r registers (§3.4)
+        self.transformer = common.SpaceTimeTransformer(dim, depth, heads, kv_heads, time_every=4, window=context,
+                                                       mlp_ratio=mlp_ratio, soft_cap=soft_cap)
+        self.latent_out = nn.Linear(dim, latent_dim)  # x-prediction head
+        self.spatial = slice(2, 2 + latent_tokens)  # where the latent tokens sit in a frame
+
+    def embed_actions(self, prev_actions, valid, B: int, T: int) -> torch.Tensor:
+        """Action token per frame: base + Σ_components embed(a_{t−1}); base only where not valid."""
+        tok = self.action_base.expand(B, T, -1)  # (B, T, D)
+        if prev_actions is None or not self.action_classes:
+            return tok
+        parts = [emb(prev_actions[..., c].clamp_min(0).long()) if n > 0 else emb(prev_actions[..., c:c + 1].float())
+                 for c, (n, emb) in enumerate(zip(self.action_classes, self.action_embed))]  # A × (B, T, D)
+        return tok + torch.stack(parts).sum(0) * valid[..., None]  # (B, T, D)
+
+    def tokens(self, z_tilde, tau, d, prev_actions=None, act_valid=None) -> torch.Tensor:
+        """Assemble the per-frame tokens. z_tilde (B, T, N_z, C_z); tau, d (B, T) on the Eq 4 grid."""
+        B, T, N, C = z_tilde.shape
+        assert (N, C) == (self.latent_tokens, self.latent_dim), \
+            f"expected packed latents (B, T, {self.latent_tokens}, {self.latent_dim}), got {tuple(z_tilde.shape)}"
+        a = self.embed_actions(prev_actions, act_valid, B, T)  # (B, T, D)
+        tau_i = torch.round(tau * self.k_max).long()  # τ = i / K_max
+        d_i = torch.round(-torch.log2(d)).long()  # d = 2^−i
+        td = torch.cat([self.tau_embed(tau_i), self.d_embed(d_i)], dim=-1)  # (B, T, D)
+        z = self.latent_in(z_tilde) + self.latent_slot  # (B, T, N_z, D)
+        reg = self.register_tokens.expand(B, T, -1, -1)  # (B, T, S_r, D)
+        return torch.cat([a[:, :, None], td[:, :, None], z, reg], dim=2)  # (B, T, 2 + N_z + S_r, D)
+
+    def forward(self, z_tilde, tau, d, prev_actions=None, act_valid=None, independent=None,
+                cache: common.KVCache | None = None, commit: bool = False) -> torch.Tensor:
+        """Eq 6: (B, T, N_z, C_z) corrupted latents → ẑ₁ (B, T, N_z, C_z) predicted clean latents.
+
+        prev_actions (B, T, A): a_{t−1} per frame (see shift_actions); act_valid (B, T) bool.
+        independent (B,) bool: start-frame sequences (§3.4). cache/commit: see common.KVCache.
+        """
+        x = self.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N, D)
+        h = self.transformer(x, independent=independent, cache=cache, commit=commit)  # (B, T, N, D)
+        return self.latent_out(h[:, :, self.spatial])  # (B, T, N_z, C_z)
+
+
+# ==============================================================================================
+# Objective: shortcut forcing (Eq 7) with diffusion forcing and the ramp weight (Eq 8)
+# ==============================================================================================
+
+
+def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, d: torch.Tensor,
+                          k_max: int, x_clip: float = 0.0) -> dict:
+    """Eq 7, per frame, weighted by Eq 8 and averaged over all frames.
+
+    f(z̃, τ, d) → ẑ₁: the network (actions, start-frame flags etc. closed over).
+    clean z₁, noise z₀: (B, T, N, C); tau, d: (B, T) from sample_tau_d (τ = 1 is clean).
+        flow frames (d = d_min):   L = ‖ẑ₁ − z₁‖²
+        bootstrap (d > d_min):     b′ = (f(z̃, τ, d/2) − z̃)/(1 − τ),   z′ = z̃ + b′·d/2
+                                   b″ = (f(z′, τ + d/2, d/2) − z′)/(1 − (τ + d/2))
+                                   L = (1 − τ)²·‖(ẑ₁ − z̃)/(1 − τ) − sg(b′ + b″)/2‖²
+    x_clip > 0 clamps the two half-step x-predictions to [−x_clip, x_clip] before they become b′, b″
+    (a safeguard, not in the paper: see the module docstring). Returns loss = mean_t w(τ_t)·L_t, its
+    flow and boot parts (loss = flow + boot), and the unweighted per-frame L (B, T) for the pictures.
+    """
+    d_min = 1.0 / k_max
+    z_tilde = corrupt(noise, clean, tau)  # Eq 6: (B, T, N, C), τ = 0 noise … τ = 1 clean
+    z1_hat = f(z_tilde, tau, d)  # ẑ₁ with the full step d: (B, T, N, C)
+    is_flow = d <= d_min  # (B, T)
+    with torch.no_grad():  # both half-step passes are targets: sg(·), online weights (no EMA)
+        half = torch.where(is_flow, torch.zeros_like(d), d / 2)  # flow frames stay put (d_min/2 is off-grid)
+        d_half = torch.where(is_flow, d, d / 2)  # step size the half passes are conditioned on
+        clip = (lambda x: x.clamp(-x_clip, x_clip)) if x_clip > 0 else (lambda x: x)  # noqa: E731
+        b1 = x_to_velocity(clip(f(z_tilde, tau, d_half)), z_tilde, tau)  # b′ at (z̃, τ, d/2)
+        z_prime = z_tilde + b1 * half[..., None, None]  # z′ = z̃ + b′·d/2
+        tau_prime = tau + half  # τ + d/2 ≤ 1 − d/2 < 1 on the Eq 4 grid
+        b2 = x_to_velocity(clip(f(z_prime, tau_prime, d_half)), z_prime, tau_prime)  # b″ at (z′, τ + d/2, d/2)
+        v_target = (b1 + b2) / 2  # sg(b′ + b″)/2
+    flow = (z1_hat - clean).pow(2).mean(dim=(-2, -1))  # ‖ẑ₁ − z₁‖²: (B, T)
+    v_hat = x_to_velocity(z1_hat, z_tilde, tau)  # (ẑ₁ − z̃)/(1 − τ): (B, T, N, C)
+    boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
+    per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
+    w = ramp_weight(tau)  # Eq 8 on both terms (DESIGN.md §5)
+    n = per_frame.numel()
+    return {"loss": (w * per_frame).mean(),
+            "flow": (w * per_frame * is_flow).sum().detach() / n,
+            "boot": (w * per_frame * ~is_flow).sum().detach() / n,
+            "per_frame": per_frame.detach(), "per_frame_grad": per_frame}
+
+
+def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float, gen: torch.Generator,
+                  k_min: int = 1) -> dict:
+    """Diffusion-forcing inputs of one batch.
+
+    latents (B, T, N_b, D_b) unpacked → clean (B, T, N_z, 2·D_b) packed (App A); per-frame (τ, d) (Eq 4);
+    noise z₀; start-frame rows (§3.4: `start_frac` of the sequences are independent images, with
+    no action); action tokens a_{t−1} (DESIGN.md §3; None for unlabelled clips).
+    """
+    clean = pack(latents)  # (B, T, N_z, C_z)
+    B, T = clean.shape[:2]
+    dev = clean.device
+    tau, d = sample_tau_d((B, T), k_max, gen, dev, k_min)  # (B, T) each
+    noise = torch.randn(clean.shape, generator=gen, device=dev)  # z₀ ~ N(0, I)
+    independent = torch.zeros(B, dtype=torch.bool, device=dev)
+    independent[torch.randperm(B, generator=gen, device=dev)[:round(start_frac * B)]] = True  # (B,)
+    if actions is None:
+        prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
+    else:
+        prev, valid = shift_actions(actions)  # (B, T, A), (B, T)
+        valid = valid & ~independent[:, None]  # an independent image is a frame 0: no action
+    return {"clean": clean, "noise": noise, "tau": tau, "d": d, "independent": independent,
+            "prev_actions": prev, "act_valid": valid}
+
+
+# ==============================================================================================
+# Sampling (Eq 2 in x-prediction form), autoregressive rollouts with the KV cache
+# ==============================================================================================
+
+
+def sample_frame(f, noise: torch.Tensor, k: int) -> torch.Tensor:
+    """Denoise one frame with K shortcut steps of d = 1/K, from τ = 0 (pure noise) to τ = 1.
+
+    f(z, τ, d) → ẑ₁. Eq 2 with the velocity from x-prediction: z ← z + (ẑ₁ − z)·d/(1 − τ).
+    At the last step τ = 1 − d, so z becomes ẑ₁ exactly.
+    """
+    d = 1.0 / k
+    z = noise
+    for i in range(k):
+        tau = i * d  # signal level of z before this step
+        z1_hat = f(z, tau, d)
+        z = z + x_to_velocity(z1_hat, z, tau) * d  # z_{τ+d} = z_τ + v̂·d
+    return z
+
+
+@torch.no_grad()
+def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, k: int, ctx_tau: float,
+            gen: torch.Generator, use_cache: bool = True) -> torch.Tensor:
+    """Open-loop generation of `horizon` frames after `context`, frame by frame.
+
+    context: (B, T_c, N_z, C_z) clean packed latents; actions: (B, T_c + horizon, A) in dataset
+    convention (a_t taken at frame t) or None. K = k steps per frame (a power of two ≤ K_max).
+    Context and generated frames enter the history at signal level τ_ctx (context_signal_level).
+    use_cache=False recomputes the whole history at every step (the reference the cache must equal).
+    Returns (B, horizon, N_z, C_z) generated clean latents.
+    """
+    assert k & (k - 1) == 0 and 1 <= k <= model.k_max, f"K must be a power of two ≤ {model.k_max}, got {k}"
+    B, Tc, N, C = context.shape
+    T, dev = Tc + horizon, context.device
+    if actions is None:
+        prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
+    else:
+        prev, valid = shift_actions(actions[:, :T])  # (B, T, A), (B, T)
+    tau_c, d_c = context_signal_level(ctx_tau, model.k_max), 1.0 / model.k_max
+    # All noise drawn up front, so the cached and uncached paths consume the same numbers.
+    ctx_noise = torch.randn(B, T, N, C, generator=gen, device=dev)  # corruption of the history
+    init_noise = torch.randn(B, horizon, N, C, generator=gen, device=dev)  # z at τ = 0 per new frame
+    full = lambda t, v: torch.full((B, t), float(v), device=dev)  # noqa: E731  (B, t) constant τ or d
+    pa = lambda s, e: None if prev is None else prev[:, s:e]  # noqa: E731
+    history = corrupt(ctx_noise[:, :Tc], context, tau_c)  # (B, T_c, N, C) what the model sees of the past
+    cache = common.KVCache(model.window) if use_cache else None
+    if use_cache and Tc > 0:
+        model(history, full(Tc, tau_c), full(Tc, d_c), pa(0, Tc), valid[:, :Tc], cache=cache, commit=True)
+    frames = []
+    for t in range(Tc, T):
+        if use_cache:  # only the new frame's tokens; it attends to the cached history
+            def f(z, tau, d):
+                return model(z, full(1, tau), full(1, d), pa(t, t + 1), valid[:, t:t + 1], cache=cache)
+        else:  # recompute everything: history at τ_ctx, then the frame being denoised
+            def f(z, tau, d):
+                x = torch.cat([history, z], dim=1)  # (B, t + 1, N, C)
+                taus = torch.cat([full(t, tau_c), full(1, tau)], 1)
+                ds = torch.cat([full(t, d_c), full(1, d)], 1)
+                return model(x, taus, ds, pa(0, t + 1), valid[:, :t + 1])[:, -1:]
+        z1 = sample_frame(f, init_noise[:, t - Tc:t - Tc + 1], k)  # (B, 1, N, C)
+        frames.append(z1)
+        if t < T - 1:  # write the new frame into the history at τ_ctx
+            h_t = corrupt(ctx_noise[:, t:t + 1], z1, tau_c)  # (B, 1, N, C)
+            if use_cache:
+                model(h_t, full(1, tau_c), full(1, d_c), pa(t, t + 1), valid[:, t:t + 1], cache=cache, commit=True)
+            else:
+                history = torch.cat([history, h_t], dim=1)
+    return torch.cat(frames, dim=1)  # (B, horizon, N, C)
+
+
+# ==============================================================================================
+# Evaluation and pictures
+# ==============================================================================================
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generation_speed(model: DynamicsModel, device, k: int, ctx_tau: float, n_frames: int, n_actions: int) -> dict:
+    """Frames/s at batch 1 with the KV cache (K = k), and cached vs uncached at 32 context frames.
+
+    Speed does not depend on content, so random latents and actions are used.
+    """
+    gen = torch.Generator(device).manual_seed(0)
+    z = lambda T: torch.tanh(torch.randn(1, T, model.latent_tokens, model.latent_dim, device=device))  # noqa: E731
+    acts = lambda T: torch.zeros(1, T, n_actions, dtype=torch.long, device=device) if n_actions else None  # noqa: E731
+
+    def timed(Tc, n, use_cache):
+        _sync(device)
+        t0 = time.time()
+        with common.autocast(device):
+            rollout(model, z(Tc), acts(Tc + n), n, k, ctx_tau, gen, use_cache)
+        _sync(device)
+        return time.time() - t0
+
+    timed(8, 2, True)  # warm-up
+    fps = n_frames / timed(8, n_frames, True)
+    n = max(2, min(8, n_frames))
+    t_cached, t_uncached = timed(32, n, True), timed(32, n, False)
+    return {"gen_fps": fps, "gen_fps_ctx32_uncached": n / t_uncached, "gen_fps_ctx32_cached": n / t_cached,
+            "cache_speedup_ctx32": t_uncached / t_cached}
+
+
+@torch.no_grad()
+def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, device) -> dict:
+    """Held-out open-loop rollouts in pixel space (DESIGN.md §7): context 8, generate 16, true actions.
+
+    PSNR per horizon for K = sample_k and K = K_max, the repeat-last-context-frame baseline, the
+    rollout with shuffled actions (the action-shuffle gap, PITFALLS.md 8) and the tokenizer's own
+    reconstruction of the true frames (the ceiling the dynamics cannot beat).
+    """
+    Tc, H = a.eval_context, a.eval_horizon
+    held.rng = np.random.default_rng([a.seed, 999])  # the same held-out windows every evaluation
+    batch = held.sample(a.eval_seqs, Tc + H, with_frames=True)
+    lat = batch["latents"].to(device)  # (B, T, N_b, D_b)
+    actions = None if batch["actions"] is None else batch["actions"].to(device)  # (B, T, A)
+    true = batch["frames"].to(device).float() / 255  # (B, T, H, W, 3)
+    ctx = pack(lat[:, :Tc])  # (B, T_c, N_z, C_z)
+
+    def decode(z_gen):  # the tokenizer decoder is causal: decode context + rollout in one pass
+        with common.autocast(device):
+            return tok.decode(torch.cat([lat[:, :Tc], unpack(z_gen.to(lat.dtype))], 1)).float()[:, Tc:].clamp(0, 1)
+
+    def run(k, acts):
+        gen = torch.Generator(device).manual_seed(a.seed)  # the same noise for every K and action set
+        with common.autocast(device):
+            return decode(rollout(model, ctx, acts, H, k, a.ctx_tau, gen))  # (B, H, H_px, W_px, 3)
+
+    out, pix = {}, {}
+    for k in sorted({a.sample_k, a.k_max}):
+        pix[k] = run(k, actions)
+        out[f"psnr_k{k}_per_horizon"] = psnr(pix[k], true[:, Tc:]).mean(0).tolist()
+    out["psnr_repeat_last_per_horizon"] = psnr(true[:, Tc - 1:Tc].expand_as(true[:, Tc:]), true[:, Tc:]).mean(0).tolist()
+    with common.autocast(device):
+        ceiling = tok.decode(lat).float()[:, Tc:].clamp(0, 1)
+    out["psnr_tokenizer_ceiling"] = float(psnr(ceiling, true[:, Tc:]).mean())
+    # The same baseline through the decoder: repeat the last context latent (same decoder error as a rollout).
+    out["psnr_repeat_last_decoded_per_horizon"] = psnr(decode(ctx[:, -1:].expand(-1, H, -1, -1)),
+                                                       true[:, Tc:]).mean(0).tolist()
+    if actions is not None and actions.shape[0] > 1:
+        shuffled = actions.clone()  # from the action that leads into the first generated frame on
+        shuffled[:, Tc - 1:] = actions[torch.roll(torch.arange(actions.shape[0]), 1), Tc - 1:]
+        out["psnr_shuffled_per_horizon"] = psnr(run(a.sample_k, shuffled), true[:, Tc:]).mean(0).tolist()
+    mean = lambda key: float(np.mean(out[key]))  # noqa: E731
+    out.update({f"psnr_k{k}": mean(f"psnr_k{k}_per_horizon") for k in pix})
+    out["psnr_repeat_last"] = mean("psnr_repeat_last_per_horizon")
+    out["psnr_repeat_last_decoded"] = mean("psnr_repeat_last_decoded_per_horizon")
+    if "psnr_shuffled_per_horizon" in out:
+        out["psnr_shuffled"] = mean("psnr_shuffled_per_horizon")
+        out["action_shuffle_gap_db"] = out[f"psnr_k{a.sample_k}"] - out["psnr_shuffled"]
+    out["_pictures"] = (true, pix[a.sample_k])  # for the figures, not for summary.json
+    return out
+
+
+@torch.no_grad()
+def loss_by_tau_d(model: DynamicsModel, held: LatentCache, a: Args, device, repeats: int = 4) -> dict:
+    """Unweighted Eq 7 per-frame loss on held-out data, grouped by d and by τ (8 bins), Eq 4 draws."""
+    held.rng = np.random.default_rng([a.seed, 998])
+    gen = torch.Generator(device).manual_seed(a.seed + 998)
+    taus, ds, losses = [], [], []
+    for _ in range(repeats):
+        batch = held.sample(max(2, a.eval_seqs // 2), a.seq_len)
+        acts = None if batch["actions"] is None else batch["actions"].to(device)
+        fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, 0.0, gen, a.k_min)
+        f = lambda z, tau, d: model(z, tau, d, fb["prev_actions"], fb["act_valid"]).float()  # noqa: E731
+        with common.autocast(device):
+            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip)
+        taus.append(fb["tau"].flatten()), ds.append(fb["d"].flatten()), losses.append(terms["per_frame"].flatten())
+    tau, d, loss = torch.cat(taus).cpu(), torch.cat(ds).cpu(), torch.cat(losses).float().cpu()
+    by_d = {f"1/{round(1 / float(v))}": float(loss[d == v].mean()) for v in sorted(d.unique().tolist(), reverse=True)}
+    bins = (tau * 8).floor().clamp(max=7)
+    by_tau = {"flow": [], "boot": []}
+    for name, sel in (("flow", d == 1.0 / a.k_max), ("boot", d > 1.0 / a.k_max)):
+        for b in range(8):
+            m = sel & (bins == b)
+            by_tau[name].append(float(loss[m].mean()) if m.any() else None)
+    return {"loss_by_d": by_d, "loss_by_tau_bin": by_tau}
+
+
+def save_pictures(ev: dict, probe: dict | None, n_ctx: int, out: str, a: Args) -> None:
+    """rollout.png (rows: true | generated | |error|×4; context framed green, generated red), rollout.gif,
+    rollout_psnr.png (PSNR per horizon against the baselines), loss_tau_d.png (loss per τ and per d)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    true, gen = (x[:4].cpu().numpy() for x in ev["_pictures"])  # (S, T, H, W, 3), (S, H_gen, H, W, 3)
+    S, T, Hp, Wp, _ = true.shape
+    gen = np.concatenate([true[:, :n_ctx], gen], axis=1)  # context shown as it is given
+    p = 2  # border width
+    green, red, grey = np.array([0.1, 0.8, 0.1]), np.array([0.9, 0.1, 0.1]), np.array([0.5, 0.5, 0.5])
+
+    def tile(img, color):
+        framed = np.ones((Hp + 2 * p, Wp + 2 * p, 3)) * color
+        framed[p:-p, p:-p] = img
+        return framed
+
+    rows = []
+    for s in range(S):
+        err = np.abs(gen[s] - true[s]).mean(-1, keepdims=True).repeat(3, -1) * 4
+        rows.append(np.concatenate([tile(true[s, t], green if t < n_ctx else grey) for t in range(T)], 1))
+        rows.append(np.concatenate([tile(gen[s, t], green if t < n_ctx else red) for t in range(T)], 1))
+        rows.append(np.concatenate([tile(np.clip(err[t], 0, 1) if t >= n_ctx else 0 * err[t], grey)
+                                    for t in range(T)], 1))
+    canvas = np.concatenate(rows, 0)  # (3·S·(H+2p), T·(W+2p), 3)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * T), max(3, 1.8 * S)))
+    ax.imshow(canvas, interpolation="nearest")
+    h = Hp + 2 * p
+    ax.set_yticks([h * (i + 0.5) for i in range(3 * S)], ["true", f"K={a.sample_k}", "|err|×4"] * S, fontsize=7)
+    ax.set_xticks([(Wp + 2 * p) * (t + 0.5) for t in range(T)], [str(t - n_ctx + 1) for t in range(T)], fontsize=6)
+    ax.set_title(f"held-out open-loop rollouts: {n_ctx} context frames (green), generated (red), true actions")
+    fig.tight_layout(), fig.savefig(os.path.join(out, "rollout.png"), dpi=100), plt.close(fig)
+
+    scale = max(1, 128 // Hp)  # GIF: true | generated side by side per sequence, one GIF frame per time step
+    gif = []
+    for t in range(T):
+        row = np.concatenate([np.concatenate([tile(true[s, t], green if t < n_ctx else grey),
+                                              tile(gen[s, t], green if t < n_ctx else red)], 1) for s in range(S)], 1)
+        img = Image.fromarray((np.clip(row, 0, 1) * 255).astype(np.uint8))
+        gif.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    gif[0].save(os.path.join(out, "rollout.gif"), save_all=True, append_images=gif[1:], duration=200, loop=0)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    hz = np.arange(1, len(ev["psnr_repeat_last_per_horizon"]) + 1)
+    for key, label in ((f"psnr_k{a.sample_k}_per_horizon", f"K = {a.sample_k}"),
+                       (f"psnr_k{a.k_max}_per_horizon", f"K = {a.k_max}"),
+                       ("psnr_shuffled_per_horizon", f"K = {a.sample_k}, shuffled actions"),
+                       ("psnr_repeat_last_per_horizon", "repeat last context frame"),
+                       ("psnr_repeat_last_decoded_per_horizon", "repeat last context latent, decoded")):
+        if key in ev:
+            ax.plot(hz, ev[key], "o-", ms=3, label=label)
+    ax.axhline(ev["psnr_tokenizer_ceiling"], color="k", ls=":", label="tokenizer reconstruction")
+    ax.set_xlabel("frames after the context"), ax.set_ylabel("PSNR (dB)"), ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(os.path.join(out, "rollout_psnr.png"), dpi=100), plt.close(fig)
+
+    if probe is not None:
+        fig, (l, r) = plt.subplots(1, 2, figsize=(9, 3.2))
+        centres = (np.arange(8) + 0.5) / 8
+        for name, vals in probe["loss_by_tau_bin"].items():
+            l.plot(centres, [np.nan if v is None else v for v in vals], "o-", label=f"{name} frames")
+        l.set_yscale("log"), l.set_xlabel("signal level τ (0 = noise, 1 = clean)"), l.set_ylabel("Eq 7 loss")
+        l.legend(fontsize=7)
+        r.bar(list(probe["loss_by_d"]), list(probe["loss_by_d"].values()))
+        r.set_yscale("log"), r.set_xlabel("step size d"), r.set_title("unweighted loss per d", fontsize=9)
+        fig.tight_layout(), fig.savefig(os.path.join(out, "loss_tau_d.png"), dpi=100), plt.close(fig)
+
+
+# ==============================================================================================
+# Training
+# ==============================================================================================
+
+
+def lr_at(step: int, a: Args) -> float:
+    """Linear warm-up to lr, then cosine decay to 10 % of it (not in paper)."""
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    frac = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def batch_shape(step: int, a: Args) -> tuple[int, int]:
+    """§3.4 alternating batch lengths: short T₁ ≤ C, every `long_every`-th step long T₂ > C, and long
+    batches only for the final `long_only_frac` of training. Returns (batch size, sequence length)."""
+    long_only = step >= int(a.steps * (1 - a.long_only_frac))
+    return (a.batch_long, a.seq_len_long) if long_only or (step + 1) % a.long_every == 0 else (a.batch, a.seq_len)
+
+
+def build_model(a: dict, latent_tokens: int, latent_dim: int, action_classes: list[int]) -> DynamicsModel:
+    """Rebuild the model from a plain args dict (as stored in the checkpoint)."""
+    return DynamicsModel(latent_tokens, latent_dim, action_classes, a["dim"], a["depth"], a["heads"], a["kv_heads"],
+                         a["registers"], a["context"], a["mlp_ratio"], a["soft_cap"], a["k_max"])
+
+
+def load_dynamics(path: str = "runs/dynamics/ckpt.pt", device="cpu"):
+    """The trained dynamics model for later stages. Returns (model, checkpoint dict)."""
+    ckpt = common.load_checkpoint(path, "dynamics", "python dynamics.py")
+    model = build_model(ckpt["args"], *ckpt["shapes"]["latent"], ckpt["shapes"]["action_classes"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+def train(a: Args) -> dict:
+    common.seed_everything(a.seed)
+    device = common.pick_device(a.device)
+    os.makedirs(a.out, exist_ok=True)
+    ckpt_path = os.path.join(a.out, "ckpt.pt")
+    assert a.seq_len <= a.context < a.seq_len_long, \
+        f"§3.4 needs T₁ ≤ C < T₂, got T₁ = {a.seq_len}, C = {a.context}, T₂ = {a.seq_len_long}"
+
+    # Parent: the frozen tokenizer and its latent cache (DESIGN.md §2).
+    tok, tok_ckpt = load_tokenizer(a.tokenizer, device)
+    tok_dir = os.path.dirname(os.path.abspath(a.tokenizer))
+    train_data = LatentCache(tok_dir, "train", seed=a.seed)
+    held = LatentCache(tok_dir, "heldout", seed=a.seed + 1)
+    action_classes = [int(n) for _, n in train_data.meta.get("action_components", [])]
+    if train_data.actions is None:
+        print("note: the dataset has no actions: training an unconditional video model (base action embedding only)")
+    shapes = {"latent": [tok.n_latents // 2, 2 * tok.latent_dim], "action_classes": action_classes}
+
+    model = build_model(asdict(a), *shapes["latent"], action_classes).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"dynamics: {n_params / 1e6:.2f}M parameters; per frame 1 action + 1 (τ, d) + {shapes['latent'][0]} latent "
+          f"(×{shapes['latent'][1]} ch) + {a.registers} register tokens; C = {a.context}, T₁ = {a.seq_len}, "
+          f"T₂ = {a.seq_len_long}")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
+    norm = common.RunningRMS()
+    step = 0
+    if a.resume:
+        ckpt = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        norm.load_state_dict(ckpt["normalizers"]["loss"])
+        step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    common.write_json(os.path.join(a.out, "args.json"), asdict(a))
+    print("args:", json.dumps(asdict(a)))
+    fwd = torch.compile(model) if a.compile else model
+    log = common.MetricsLog(a.out, a.steps, resume=a.resume)
+
+    def save(step):
+        common.save_checkpoint(ckpt_path, {
+            "format_version": FORMAT_VERSION, "stage": "dynamics", "step": step, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "normalizers": {"loss": norm.state_dict()}, "args": asdict(a),
+            "shapes": shapes, "parent": {"stage": "tokenizer", "path": os.path.abspath(a.tokenizer),
+                                         "step": tok_ckpt["step"]}})
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device)
+    t_start, steps_run, frames_run, frames_log, steps_log = time.time(), 0, 0, 0, 0
+    while step < a.steps:
+        # Per-step streams seeded from (seed, step): the data and the noise do not depend on model
+        # initialisation, and --resume sees exactly the batches an uninterrupted run sees.
+        train_data.rng = np.random.default_rng([a.seed, step])
+        gen.manual_seed(a.seed * 1_000_003 + step)
+        B, T = batch_shape(step, a)
+        batch = train_data.sample(B, T)
+        acts = None if batch["actions"] is None else batch["actions"].to(device)
+        fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen, a.k_min)
+
+        def f(z, tau, d):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and start-frame rows
+            return fwd(z, tau, d, fb["prev_actions"], fb["act_valid"], fb["independent"]).float()
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a)
+        with common.autocast(device):
+            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip)
+        common.check_finite(step, loss=terms["loss"])
+        loss = norm(terms["loss"])  # ÷ running RMS (§3 intro)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        step, steps_run = step + 1, steps_run + 1
+        frames_run, frames_log, steps_log = frames_run + B * T, frames_log + B * T, steps_log + 1
+        if step % a.log_every == 0 or step == a.steps:
+            log.log(step, {"loss": terms["loss"].detach(), "flow": terms["flow"], "boot": terms["boot"], "grad_norm": gnorm,
+                           "lr": lr_at(step - 1, a)}, frames_per_step=frames_log // steps_log)
+            frames_log, steps_log = 0, 0
+        if steps_run == 5 and device.type == "cpu" and a.preset == "default":
+            eta = (time.time() - t_start) / 5 * (a.steps - step) / 60
+            print(f"!! the default preset is sized for a GPU: on this CPU it would take about {eta:.0f} min. "
+                  f"Try --preset cpu (≤ 15 min on 2 cores).")
+        if step % a.ckpt_every == 0 or step == a.steps or step == a.stop_at:
+            save(step)
+        if a.stop_at and step >= a.stop_at:
+            print(f"stopping at step {step} (--stop-at); continue with --resume")
+            return {}
+    wall = time.time() - t_start
+
+    # Final evaluation, pictures, summary.json (DESIGN.md §7).
+    summary = {
+        "stage": "dynamics", "preset": a.preset, "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "steps": step, "steps_this_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / max(wall, 1e-9),
+        "frames_per_s": frames_run / max(wall, 1e-9), "peak_mem_gb": common.peak_memory_gb(device),
+        "params_m": n_params / 1e6, "sample_k": a.sample_k, "k_max": a.k_max,
+        "ctx_tau_used": context_signal_level(a.ctx_tau, a.k_max), "eval_context": a.eval_context,
+        "eval_horizon": a.eval_horizon, "eval_seqs": a.eval_seqs,
+    }
+    model.eval()
+    if a.eval_seqs > 0:
+        t0 = time.time()
+        ev = evaluate_rollouts(model, tok, held, a, device)
+        probe = loss_by_tau_d(model, held, a, device)
+        save_pictures(ev, probe, a.eval_context, a.out, a)
+        n_act = 0 if train_data.actions is None else len(action_classes)
+        summary.update({k: v for k, v in ev.items() if not k.startswith("_")}, **probe,
+                       **generation_speed(model, device, a.sample_k, a.ctx_tau, a.fps_frames, n_act))
+        summary["eval_s"] = time.time() - t0
+        print(f"eval: rollout PSNR K={a.sample_k} {summary[f'psnr_k{a.sample_k}']:.2f} dB | K={a.k_max} "
+              f"{summary[f'psnr_k{a.k_max}']:.2f} dB | repeat-last {summary['psnr_repeat_last']:.2f} dB "
+              f"(decoded {summary['psnr_repeat_last_decoded']:.2f}, tokenizer ceiling "
+              f"{summary['psnr_tokenizer_ceiling']:.2f}) | "
+              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | "
+              f"{summary['gen_fps']:.0f} frames/s (batch 1, K={a.sample_k}, cache) | "
+              f"cache speed-up ×{summary['cache_speedup_ctx32']:.1f} at 32 context frames")
+    common.write_json(os.path.join(a.out, "summary.json"), summary)
+    print("summary:", json.dumps(summary))
+    return summary
+
+
+def main():
+    train(common.parse_args(Args, PRESETS))
+
+
+if __name__ == "__main__":
+    main()
