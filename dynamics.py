@@ -315,7 +315,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     return {"loss": (w * per_frame).mean(),
             "flow": (w * per_frame * is_flow).sum().detach() / n,
             "boot": (w * per_frame * ~is_flow).sum().detach() / n,
-            "per_frame": per_frame.detach(), "per_frame_grad": per_frame}
+            "per_frame": per_frame.detach()}
 
 
 def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float, gen: torch.Generator,
@@ -468,19 +468,24 @@ def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, dev
         with common.autocast(device):
             return tok.decode(torch.cat([lat[:, :Tc], unpack(z_gen.to(lat.dtype))], 1)).float()[:, Tc:].clamp(0, 1)
 
+    out, pix = {}, {}
+
     def run(k, acts):
         gen = torch.Generator(device).manual_seed(a.seed)  # the same noise for every K and action set
         with common.autocast(device):
-            return decode(rollout(model, ctx, acts, H, k, a.ctx_tau, gen))  # (B, H, H_px, W_px, 3)
+            z = rollout(model, ctx, acts, H, k, a.ctx_tau, gen).float()  # (B, H, N_z, C_z)
+        out[f"latent_mse_k{k}" + ("" if acts is actions else "_shuffled")] = float((z - pack(lat[:, Tc:])).pow(2).mean())
+        return decode(z)  # (B, H, H_px, W_px, 3)
 
-    out, pix = {}, {}
     for k in sorted({a.sample_k, a.k_max}):
         pix[k] = run(k, actions)
         out[f"psnr_k{k}_per_horizon"] = psnr(pix[k], true[:, Tc:]).mean(0).tolist()
+    # Latent-space errors do not depend on the decoder's quality.
+    out["latent_mse_repeat_last"] = float((ctx[:, -1:] - pack(lat[:, Tc:])).pow(2).mean())
     out["psnr_repeat_last_per_horizon"] = psnr(true[:, Tc - 1:Tc].expand_as(true[:, Tc:]), true[:, Tc:]).mean(0).tolist()
     with common.autocast(device):
-        ceiling = tok.decode(lat).float()[:, Tc:].clamp(0, 1)
-    out["psnr_tokenizer_ceiling"] = float(psnr(ceiling, true[:, Tc:]).mean())
+        recon = tok.decode(lat).float().clamp(0, 1)  # (B, T, H, W, 3) the tokenizer's reconstruction
+    out["psnr_tokenizer_ceiling"] = float(psnr(recon[:, Tc:], true[:, Tc:]).mean())
     # The same baseline through the decoder: repeat the last context latent (same decoder error as a rollout).
     out["psnr_repeat_last_decoded_per_horizon"] = psnr(decode(ctx[:, -1:].expand(-1, H, -1, -1)),
                                                        true[:, Tc:]).mean(0).tolist()
@@ -495,7 +500,7 @@ def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, dev
     if "psnr_shuffled_per_horizon" in out:
         out["psnr_shuffled"] = mean("psnr_shuffled_per_horizon")
         out["action_shuffle_gap_db"] = out[f"psnr_k{a.sample_k}"] - out["psnr_shuffled"]
-    out["_pictures"] = (true, pix[a.sample_k])  # for the figures, not for summary.json
+    out["_pictures"] = (true, torch.cat([recon[:, :Tc], pix[a.sample_k]], 1))  # for the figures only
     return out
 
 
@@ -532,9 +537,8 @@ def save_pictures(ev: dict, probe: dict | None, n_ctx: int, out: str, a: Args) -
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    true, gen = (x[:4].cpu().numpy() for x in ev["_pictures"])  # (S, T, H, W, 3), (S, H_gen, H, W, 3)
-    S, T, Hp, Wp, _ = true.shape
-    gen = np.concatenate([true[:, :n_ctx], gen], axis=1)  # context shown as it is given
+    true, gen = (x[:4].cpu().numpy() for x in ev["_pictures"])  # (S, T, H, W, 3) each
+    S, T, Hp, Wp, _ = true.shape  # gen[:, :n_ctx] is the tokenizer's reconstruction of the context
     p = 2  # border width
     green, red, grey = np.array([0.1, 0.8, 0.1]), np.array([0.9, 0.1, 0.1]), np.array([0.5, 0.5, 0.5])
 
@@ -548,15 +552,16 @@ def save_pictures(ev: dict, probe: dict | None, n_ctx: int, out: str, a: Args) -
         err = np.abs(gen[s] - true[s]).mean(-1, keepdims=True).repeat(3, -1) * 4
         rows.append(np.concatenate([tile(true[s, t], green if t < n_ctx else grey) for t in range(T)], 1))
         rows.append(np.concatenate([tile(gen[s, t], green if t < n_ctx else red) for t in range(T)], 1))
-        rows.append(np.concatenate([tile(np.clip(err[t], 0, 1) if t >= n_ctx else 0 * err[t], grey)
-                                    for t in range(T)], 1))
+        rows.append(np.concatenate([tile(np.clip(err[t], 0, 1), grey) for t in range(T)], 1))
     canvas = np.concatenate(rows, 0)  # (3·S·(H+2p), T·(W+2p), 3)
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * T), max(3, 1.8 * S)))
     ax.imshow(canvas, interpolation="nearest")
     h = Hp + 2 * p
-    ax.set_yticks([h * (i + 0.5) for i in range(3 * S)], ["true", f"K={a.sample_k}", "|err|×4"] * S, fontsize=7)
+    ax.set_yticks([h * (i + 0.5) for i in range(3 * S)], ["true", f"decoded, K={a.sample_k}", "|err|×4"] * S,
+                  fontsize=7)
     ax.set_xticks([(Wp + 2 * p) * (t + 0.5) for t in range(T)], [str(t - n_ctx + 1) for t in range(T)], fontsize=6)
-    ax.set_title(f"held-out open-loop rollouts: {n_ctx} context frames (green), generated (red), true actions")
+    ax.set_title(f"held-out open-loop rollouts, true actions: {n_ctx} context frames (green; second row: "
+                 f"tokenizer reconstruction), generated (red)", fontsize=9)
     fig.tight_layout(), fig.savefig(os.path.join(out, "rollout.png"), dpi=100), plt.close(fig)
 
     scale = max(1, 128 // Hp)  # GIF: true | generated side by side per sequence, one GIF frame per time step
@@ -740,7 +745,8 @@ def train(a: Args) -> dict:
               f"{summary[f'psnr_k{a.k_max}']:.2f} dB | repeat-last {summary['psnr_repeat_last']:.2f} dB "
               f"(decoded {summary['psnr_repeat_last_decoded']:.2f}, tokenizer ceiling "
               f"{summary['psnr_tokenizer_ceiling']:.2f}) | "
-              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | "
+              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | latent MSE K={a.sample_k} "
+              f"{summary[f'latent_mse_k{a.sample_k}']:.4f} vs repeat-last {summary['latent_mse_repeat_last']:.4f} | "
               f"{summary['gen_fps']:.0f} frames/s (batch 1, K={a.sample_k}, cache) | "
               f"cache speed-up ×{summary['cache_speedup_ctx32']:.1f} at 32 context frames")
     common.write_json(os.path.join(a.out, "summary.json"), summary)

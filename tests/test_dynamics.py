@@ -345,7 +345,9 @@ def test_fixed_batch_overfits():
 # ---------------------------------------------------------------- pipeline: smoke run + resume
 
 def run(*args, cwd=ROOT):
-    r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    # One thread: the smoke models are tiny, and two threads on a busy 2-core machine thrash (×5 slower).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout
 
