@@ -43,7 +43,6 @@ import os
 import random
 import re
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,7 +87,6 @@ def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tor
     """Rotation angles θ_{p,i} = p · base^(−2i/dim) for RoPE over `dim` channels.
 
     positions: (..., S) integer or float positions.  Returns (..., S, dim/2) angles.
-    (2-D positions over the patch grid: see rope_angles_2d.)
     """
     freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)  # (dim/2,)
     return positions.float().unsqueeze(-1) * freqs  # (..., S, dim/2)
@@ -225,9 +223,6 @@ class KVCache:
 
     def __init__(self, window: int):
         self.window, self.pos, self.kv = window, 0, {}
-
-    def __len__(self):
-        return self.pos
 
 
 class SpaceTimeTransformer(nn.Module):
@@ -373,6 +368,14 @@ def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | No
         values.update(presets[preset])
     values.update(given)
     return cls(**values)
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up to lr, then cosine decay to 10 % of it (not in paper: no optimiser is given)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def pick_device(name: str = "auto") -> torch.device:

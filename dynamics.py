@@ -603,14 +603,6 @@ def save_pictures(ev: dict, probe: dict | None, n_ctx: int, out: str, a: Args) -
 # ==============================================================================================
 
 
-def lr_at(step: int, a: Args) -> float:
-    """Linear warm-up to lr, then cosine decay to 10 % of it (not in paper)."""
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    frac = (step - a.warmup) / max(1, a.steps - a.warmup)
-    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
 def batch_shape(step: int, a: Args) -> tuple[int, int]:
     """§3.4 alternating batch lengths: short T₁ ≤ C, every `long_every`-th step long T₂ > C, and long
     batches only for the final `long_only_frac` of training. Returns (batch size, sequence length)."""
@@ -695,7 +687,7 @@ def train(a: Args) -> dict:
             return fwd(z, tau, d, fb["prev_actions"], fb["act_valid"], fb["independent"]).float()
 
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a)
+            g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
         with common.autocast(device):
             terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip)
         common.check_finite(step, loss=terms["loss"])
@@ -708,7 +700,7 @@ def train(a: Args) -> dict:
         frames_run, frames_log, steps_log = frames_run + B * T, frames_log + B * T, steps_log + 1
         if step % a.log_every == 0 or step == a.steps:
             log.log(step, {"loss": terms["loss"].detach(), "flow": terms["flow"], "boot": terms["boot"], "grad_norm": gnorm,
-                           "lr": lr_at(step - 1, a)}, frames_per_step=frames_log // steps_log)
+                           "lr": common.lr_at(step - 1, a.lr, a.warmup, a.steps)}, frames_per_step=frames_log // steps_log)
             frames_log, steps_log = 0, 0
         if steps_run == 5 and device.type == "cpu" and a.preset == "default":
             eta = (time.time() - t_start) / 5 * (a.steps - step) / 60

@@ -50,7 +50,6 @@ Deviations and ambiguities (PAPER.md §2, §12):
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -537,14 +536,6 @@ class LatentCache:
 # ==============================================================================================
 
 
-def lr_at(step: int, a: Args) -> float:
-    """Linear warm-up to lr, then cosine decay to 10 % of it (not in paper)."""
-    if step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    frac = (step - a.warmup) / max(1, a.steps - a.warmup)
-    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
     device = common.pick_device(a.device)
@@ -585,7 +576,7 @@ def train(a: Args) -> dict:
         step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     elif device.type == "cpu" and a.preset == "default":
-        print(f"!! the default preset is sized for a GPU; on this CPU it would take hours. Try --preset cpu.")
+        print("!! the default preset is sized for a GPU; on this CPU it would take hours. Try --preset cpu.")
     common.write_json(os.path.join(a.out, "args.json"), asdict(a))
     print("args:", json.dumps(asdict(a)))
     fwd = torch.compile(model) if a.compile else model
@@ -610,7 +601,7 @@ def train(a: Args) -> dict:
         B, T = frames.shape[:2]
         mae = sample_mae_mask(B, T, model.n_patches, a.mae_max, gen, device)  # (B, T, N_p)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a)
+            g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
         with common.autocast(device):
             recon = fwd(frames, mae).float()  # (B, T, H, W, 3)
         terms = tokenizer_loss(recon, frames.float() / 255, lpips_fn, norms, a.lpips_weight)
@@ -625,7 +616,7 @@ def train(a: Args) -> dict:
             with torch.no_grad():
                 train_psnr = float(psnr(recon.detach(), frames.float() / 255).mean())
             log.log(step, {**{k: v for k, v in terms.items() if k != "loss"}, "loss": terms["loss"],
-                           "psnr": train_psnr, "grad_norm": gnorm, "lr": lr_at(step - 1, a)}, B * T)
+                           "psnr": train_psnr, "grad_norm": gnorm, "lr": common.lr_at(step - 1, a.lr, a.warmup, a.steps)}, B * T)
         if step % a.eval_every == 0 or step == a.steps:
             result = evaluate(model, held_loader, a.eval_batches, a.batch_size, device, a.seed)
             print(f"eval step {step}: held-out PSNR {result['psnr']:.2f} dB | SSIM {result['ssim']:.4f} (MAE p = 0)")

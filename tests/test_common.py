@@ -296,6 +296,14 @@ def test_checkpoint_roundtrip_and_clear_errors(tmp_path):
         common.load_checkpoint(path, "toy", "python toy.py")
 
 
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    lrs = [common.lr_at(s, 1.0, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # half-way: (0.1 + 1) / 2
+    assert common.lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)  # ends at 10 %
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
+
+
 def test_check_finite_and_metrics_log(tmp_path, capsys):
     common.check_finite(1, loss=torch.tensor(1.0))
     with pytest.raises(FloatingPointError, match="step 7"):
