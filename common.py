@@ -237,10 +237,13 @@ class SpaceTimeTransformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, n_heads: int, n_kv_heads: int | None = None,
                  time_every: int = 4, window: int = 32, mlp_ratio: float = 4.0, soft_cap: float = 50.0,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, space_rope_base: float | None = None):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         self.window, self.head_dim, self.rope_base = window, dim // n_heads, rope_base
+        # A small grid (e.g. 4×4 patches) needs faster-rotating spatial frequencies than base 10⁴ gives,
+        # or neighbouring patches look alike to attention (tokenizer.py uses 10; not in paper).
+        self.space_rope_base = space_rope_base or rope_base
         self.blocks = nn.ModuleList(
             Block(dim, n_heads, n_kv_heads, mlp_ratio, soft_cap, is_time=(i + 1) % time_every == 0)
             for i in range(depth))
@@ -260,7 +263,7 @@ class SpaceTimeTransformer(nn.Module):
         B, T, N, D = x.shape
         t0 = cache.pos if cache is not None else 0
         space_angles = None if space_pos is None else rope_angles_2d(
-            space_pos[:, 0], space_pos[:, 1], self.head_dim, self.rope_base)  # (N, Dh/2)
+            space_pos[:, 0], space_pos[:, 1], self.head_dim, self.space_rope_base)  # (N, Dh/2)
         time_angles = rope_angles(torch.arange(t0, t0 + T, device=x.device), self.head_dim,
                                   self.rope_base)  # (T, Dh/2)
         # Every time layer sees the same number of cached frames, so one mask serves them all.

@@ -60,6 +60,40 @@ def test_decoder_mask_matches_hand_written_table():
     assert torch.equal(tk.decoder_mask(3, 2), expected)
 
 
+def test_latent_grid_matches_hand_written_table():
+    # 16 latents on a 4×4 patch grid: one per patch, at the patch itself.
+    want16 = torch.tensor([[r, c] for r in range(4) for c in range(4)], dtype=torch.float)
+    assert torch.equal(tk.latent_grid(16, 4), want16)
+    # 32 latents on an 8×8 grid: a 4×8 lattice, rows at the centres of 2-patch-high cells.
+    want32 = torch.tensor([[r, c] for r in (0.5, 2.5, 4.5, 6.5) for c in range(8)], dtype=torch.float)
+    assert torch.equal(tk.latent_grid(32, 8), want32)
+
+
+def test_locality_init_makes_latents_read_their_own_patch():
+    # Tokenizer.locality_init: in the first encoder layer every latent attends most to the patch at
+    # its own grid position, whatever the image; without it the choice is arbitrary.
+    def first_layer_argmax(model, frames):
+        x = model.patch_embed(tk.patchify(frames * 2 - 1, model.patch))[:, 0]  # (B, N_p, D)
+        tokens = torch.cat([x, model.latent_tokens.expand(len(x), -1, -1)], 1)  # (B, N_p + N_b, D)
+        att = model.encoder.blocks[0].attn
+        h = model.encoder.blocks[0].norm1(tokens)
+        B, S, D = h.shape
+        q = att.q_norm(att.wq(h).view(B, S, att.n_heads, -1))  # (B, S, H, Dh)
+        k = att.k_norm(att.wkv(h).view(B, S, 2, att.n_kv_heads, -1)[:, :, 0])  # (B, S, Hk, Dh)
+        ang = common.rope_angles_2d(model.pos[:, 0], model.pos[:, 1], att.head_dim, model.encoder.space_rope_base)
+        q = common.apply_rope(q.transpose(1, 2), ang)  # (B, H, S, Dh)
+        k = common.apply_rope(k.transpose(1, 2), ang)  # (B, Hk, S, Dh)
+        logits = (q[:, :1] @ k[:, :1].transpose(-1, -2))[:, 0]  # (B, S, S) head 0
+        return logits[:, model.n_patches:, :model.n_patches].argmax(-1)  # (B, N_b) patch each latent reads most
+    torch.manual_seed(0)
+    frames = torch.rand(8, 1, 32, 32, 3)
+    local = tk.Tokenizer(32, 8, 64, 4, 2, 16, 8, 2, locality_init=True)
+    own = torch.arange(16).expand(8, -1)
+    assert (first_layer_argmax(local, frames) == own).float().mean() > 0.75
+    plain = tk.Tokenizer(32, 8, 64, 4, 2, 16, 8, 2, locality_init=False)
+    assert (first_layer_argmax(plain, frames) == own).float().mean() < 0.3
+
+
 def test_patchify_roundtrip_and_order():
     x = torch.arange(2 * 3 * 8 * 8 * 3).reshape(2, 3, 8, 8, 3).float()
     p = tk.patchify(x, 4)
