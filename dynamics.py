@@ -96,7 +96,8 @@ class Args:
     tokenizer: str = "runs/tokenizer/ckpt.pt"  # parent checkpoint, written by `python tokenizer.py`
     out: str = "runs/dynamics"  # run folder: checkpoint, metrics, summary, pictures
     dim: int = 384  # model width D (not in paper)
-    depth: int = 8  # transformer layers; every 4th attends over time (§3.4)
+    depth: int = 8  # transformer layers (not in paper)
+    time_every: int = 4  # every n-th layer attends over time (§3.4: 4; the cpu preset uses 2, see docstring)
     heads: int = 8  # query heads (not in paper)
     kv_heads: int = 2  # key/value heads: GQA in every attention layer (§3.4; ratio not in paper)
     registers: int = 4  # S_r register tokens per frame (§3.4; count not in paper)
@@ -220,7 +221,7 @@ class DynamicsModel(nn.Module):
 
     def __init__(self, latent_tokens: int, latent_dim: int, action_classes: list[int], dim: int, depth: int,
                  heads: int, kv_heads: int, registers: int, context: int, mlp_ratio: float = 4.0,
-                 soft_cap: float = 50.0, k_max: int = 64):
+                 soft_cap: float = 50.0, k_max: int = 64, time_every: int = 4):
         super().__init__()
         self.latent_tokens, self.latent_dim, self.k_max, self.window = latent_tokens, latent_dim, k_max, context
         self.action_classes = list(action_classes)
@@ -235,7 +236,7 @@ class DynamicsModel(nn.Module):
         self.latent_in = nn.Linear(latent_dim, dim)  # §3.2: linear projection to the model width
         self.latent_slot = nn.Parameter(torch.randn(latent_tokens, dim) * 0.02)  # which latent token
         self.register_tokens = nn.Parameter(torch.randn(registers, dim) * 0.02)  # S_r registers (§3.4)
-        self.transformer = common.SpaceTimeTransformer(dim, depth, heads, kv_heads, time_every=4, window=context,
+        self.transformer = common.SpaceTimeTransformer(dim, depth, heads, kv_heads, time_every=time_every, window=context,
                                                        mlp_ratio=mlp_ratio, soft_cap=soft_cap)
         self.latent_out = nn.Linear(dim, latent_dim)  # x-prediction head
         self.spatial = slice(2, 2 + latent_tokens)  # where the latent tokens sit in a frame
@@ -613,7 +614,8 @@ def batch_shape(step: int, a: Args) -> tuple[int, int]:
 def build_model(a: dict, latent_tokens: int, latent_dim: int, action_classes: list[int]) -> DynamicsModel:
     """Rebuild the model from a plain args dict (as stored in the checkpoint)."""
     return DynamicsModel(latent_tokens, latent_dim, action_classes, a["dim"], a["depth"], a["heads"], a["kv_heads"],
-                         a["registers"], a["context"], a["mlp_ratio"], a["soft_cap"], a["k_max"])
+                         a["registers"], a["context"], a["mlp_ratio"], a["soft_cap"], a["k_max"],
+                         a.get("time_every", 4))
 
 
 def load_dynamics(path: str = "runs/dynamics/ckpt.pt", device="cpu"):
