@@ -739,7 +739,8 @@ def train(a: Args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device)
-    k_min, tau_c, d_min = dyn_ckpt["args"].get("k_min", 1), context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
+    k_min, flow_frac = dyn_ckpt["args"].get("k_min", 1), dyn_ckpt["args"].get("flow_frac", 0.0)
+    tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
     n_rel = int(round(a.batch * a.relevant_frac))
     n_uni = a.batch - n_rel
     t_start, steps_run = time.time(), 0
@@ -756,7 +757,7 @@ def train(a: Args) -> dict:
         with common.autocast(device):
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in stage 1b
-                fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen, k_min)
+                fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen, k_min, flow_frac)
                 f = lambda z, tau, d: fwd(z, tau, d, fb["prev_actions"], fb["act_valid"], task[:n_uni],  # noqa: E731
                                           fb["independent"])[0].float()
                 terms["video"] = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,

@@ -111,6 +111,20 @@ def test_tau_d_lie_on_the_eq4_grid_with_the_right_frequencies():
     assert torch.equal(tau / d, (tau / d).round()) and (1 - tau >= d).all()
 
 
+def test_flow_frac_sets_the_share_of_flow_frames_and_keeps_the_grid():
+    """--flow-frac 0.75: 75 % of frames at d = d_min, the rest uniform over {1/k_min, …, 2/K_max}."""
+    gen = torch.Generator().manual_seed(1)
+    tau, d = dy.sample_tau_d((400, 500), K_MAX, gen, k_min=4, flow_frac=0.75)
+    assert float((d == 1 / K_MAX).float().mean()) == pytest.approx(0.75, abs=0.005)
+    for v in (1 / 4, 1 / 8, 1 / 16, 1 / 32):  # the other four step sizes share the remaining 25 %
+        assert float((d == v).float().mean()) == pytest.approx(0.25 / 4, abs=0.005)
+    assert set(d.unique().tolist()) == {2.0 ** -e for e in range(2, 7)}
+    assert torch.equal(tau / d, (tau / d).round()) and (1 - tau >= d).all()
+    counts = torch.bincount((tau[d == 1 / K_MAX] * K_MAX).long(), minlength=K_MAX).float()  # τ uniform given d
+    assert float((counts / counts.mean() - 1).abs().max()) < 0.1
+    assert (d.std(dim=1) > 0).all()  # still per frame
+
+
 # ---------------------------------------------------------------- sampler (PITFALLS.md 2)
 
 @pytest.mark.parametrize("K", [1, 2, 4, 64])
@@ -377,6 +391,10 @@ def test_smoke_run_writes_summary_pictures_and_resumes_exactly(smoke_tokenizer):
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["parent"]["stage"] == "tokenizer" and ckpt["format_version"] == 1
     model, _ = dy.load_dynamics(os.path.join(full, "ckpt.pt"))
+    # Later stages get the EMA weights (--ema), which differ from the online weights after training.
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["ema"][k]), k
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
     # Interrupted at step 3, resumed: the same weights as the uninterrupted run.
     common = ["dynamics.py", "--preset", "smoke", "--tokenizer", tok, "--out", part, "--eval-seqs", "0"]
     run(*common, "--stop-at", "3")
@@ -385,6 +403,21 @@ def test_smoke_run_writes_summary_pictures_and_resumes_exactly(smoke_tokenizer):
     assert b["step"] == 6
     for k in ckpt["model"]:
         torch.testing.assert_close(ckpt["model"][k], b["model"][k], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ckpt["ema"][k], b["ema"][k], atol=1e-6, rtol=1e-5)
+
+
+def test_ema_update_matches_a_slow_average():
+    """θ_ema after n steps = the β-weighted average of the online weights, β_s = min(decay, (1+s)/(10+s))."""
+    net, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema.load_state_dict(net.state_dict())
+    expected = net.weight.detach().clone()
+    for s in range(1, 40):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        dy.ema_update(ema, net, s, 0.9)
+        beta = min(0.9, (1 + s) / (10 + s))
+        expected = beta * expected + (1 - beta) * net.weight.detach()
+    torch.testing.assert_close(ema.weight, expected)
 
 
 def test_missing_tokenizer_names_the_command(tmp_path):
