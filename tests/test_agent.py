@@ -6,8 +6,6 @@ the evaluation prompt ladder, a fixed batch that overfits, and the smoke pipelin
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,18 +16,12 @@ import common
 import data
 import dynamics as dy
 import tokenizer as tk
+from conftest import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = [5, 2, 2]  # a categorical move and two buttons
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster than two (and other test files keep their setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0):
@@ -353,12 +345,6 @@ def test_fixed_batch_overfits():
 
 
 # ---------------------------------------------------------------- pipeline: smoke runs, resume, load_agent
-
-def run(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,12 @@ import torch
 import torch.nn as nn
 
 import dynamics as dy
+from conftest import ROOT, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K_MAX = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster than two (and other test files keep their setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def tiny_model(window=4, action_classes=(5, 2, 2), seed=0):
@@ -357,13 +351,6 @@ def test_fixed_batch_overfits():
 
 
 # ---------------------------------------------------------------- pipeline: smoke run + resume
-
-def run(*args, cwd=ROOT):
-    # One thread: the smoke models are tiny, and two threads on a busy 2-core machine thrash (×5 slower).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch
 
 import common
 import tokenizer as tk
+from conftest import ROOT, run
 
 torch.set_num_threads(2)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(**kw):
@@ -238,11 +238,6 @@ def test_long_episode_encoding_equals_training_windows():
 
 
 # ---------------------------------------------------------------- pipeline: smoke run, cache, resume
-
-def run(*args, cwd=ROOT):
-    r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
 
 
 @pytest.fixture(scope="module")
