@@ -107,7 +107,7 @@ class Args:
     out: str = "runs/dynamics"  # run folder: checkpoint, metrics, summary, pictures
     dim: int = 384  # model width D (not in paper)
     depth: int = 8  # transformer layers (not in paper)
-    time_every: int = 4  # every n-th layer attends over time (§3.4: 4; the cpu preset uses 2, see docstring)
+    time_every: int = 4  # every n-th layer attends over time (§3.4: 4; every 2nd did not help at the cpu preset)
     heads: int = 8  # query heads (not in paper)
     kv_heads: int = 2  # key/value heads: GQA in every attention layer (§3.4; ratio not in paper)
     registers: int = 4  # S_r register tokens per frame (§3.4; count not in paper)
