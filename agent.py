@@ -84,7 +84,7 @@ import torch.nn.functional as F
 import common
 import data
 from dynamics import (DynamicsModel, build_model, context_signal_level, corrupt, forcing_batch, load_dynamics,
-                      sample_frame, shift_actions, shortcut_forcing_loss)
+                      row_select, sample_frame, shift_actions, shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
 
 
@@ -758,8 +758,10 @@ def train(a: Args) -> dict:
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in stage 1b
                 fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen, k_min, flow_frac)
-                f = lambda z, tau, d: fwd(z, tau, d, fb["prev_actions"], fb["act_valid"], task[:n_uni],  # noqa: E731
-                                          fb["independent"])[0].float()
+                def f(z, tau, d, rows=None):  # ẑ₁ for the uniform half (or its `rows`, see Eq 7's half steps)
+                    prev, valid, indep = row_select(fb, rows)
+                    tk = task[:n_uni] if rows is None else task[:n_uni][rows]
+                    return fwd(z, tau, d, prev, valid, tk, indep)[0].float()
                 terms["video"] = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,
                                                        dyn_ckpt["args"].get("boot_clip", 0.0))["loss"]
             # The agent pass: every row, every frame at τ_ctx, the input the heads see when acting.

@@ -68,8 +68,10 @@ Deviations and ambiguities (each is also noted where it applies):
     running mean of the predicted rewards. It leaves the optimal policy unchanged here and lets the value
     head become accurate within our few hundred updates (RewardCenter says why; --no-center-rewards is
     the literal Eq 10).
-  - No loss normalisation in this stage: PMPO's three terms are all in nats and need none (App F),
-    and the value head has its own parameters, so its scale does not interact with the policy's.
+  - No loss normalisation in this stage (an ambiguity): §3 says "all loss terms" are divided by their
+    running RMS, while App F says PMPO, which uses only the sign of the advantage, needs no (return)
+    normalisation. PMPO's three terms are all in nats, and the value head has its own parameters, so
+    its scale does not interact with the policy's; we leave both unnormalised.
   - One gradient step per batch of rollouts (on-policy), AdamW, warm-up + cosine, no weight decay;
     learning rates, batch and steps are not in the paper. No slow/EMA critic (not in the paper).
   - The seeds of the README table vary the agent, the BC baseline and this stage; the tokenizer and

@@ -18,6 +18,7 @@ Run:
     python tokenizer.py --preset cpu       # 32×32 frames, 2 CPU cores, ≤ 15 min
     python tokenizer.py --preset smoke     # seconds; used by the tests
     python tokenizer.py --encode           # only (re)build the latent cache from ckpt.pt
+    python tokenizer.py --encode --encode-data data/NAME   # encode another dataset of the same frame size
 
 Equation map:
     Eq 5   L = L_MSE + 0.2·L_LPIPS, each term ÷ running RMS  -> tokenizer_loss
@@ -99,6 +100,7 @@ class Args:
     eval_every: int = 1000  # steps between held-out evaluations and checkpoints
     eval_batches: int = 8  # held-out batches per evaluation
     encode: bool = False  # only build the latent cache from an existing checkpoint
+    encode_data: str = ""  # with --encode: encode this dataset instead of the checkpoint's own (e.g. a larger one)
     resume: bool = False  # continue the run in --out from its ckpt.pt
     stop_at: int = 0  # stop after this step as if interrupted (to test --resume); 0 = never
     seed: int = 0  # seed for model init, data sampling and MAE masks
@@ -561,13 +563,15 @@ class LatentCache:
         return np.concatenate(starts) if starts else np.zeros(0, int)
 
     def sample(self, batch_size: int, seq_len: int, relevant: bool = False, with_frames: bool = False) -> dict:
+        if not hasattr(self, "_valid"):
+            self._valid = {}  # start lists per (T, relevant): the stages alternate lengths and halves
         key = (seq_len, relevant)
-        if getattr(self, "_key", None) != key:  # cache the start list per (T, relevant)
-            self._key, self._valid = key, self._starts(seq_len, relevant)
-            if len(self._valid) == 0:
+        if key not in self._valid:
+            self._valid[key] = self._starts(seq_len, relevant)
+            if len(self._valid[key]) == 0:
                 raise ValueError(f"no {'reward-containing ' if relevant else ''}window of {seq_len} frames "
                                  f"in the '{self.split}' split: use shorter sequences or more data")
-        starts = self.rng.choice(self._valid, size=batch_size)
+        starts = self.rng.choice(self._valid[key], size=batch_size)
         idx = starts[:, None] + np.arange(seq_len)  # (B, T) global frame indices
         out = {"latents": torch.from_numpy(np.asarray(self.latents[idx], dtype=np.float32)),  # (B, T, N_b, D_b)
                "actions": None if self.actions is None else torch.from_numpy(np.asarray(self.actions[idx])),
@@ -599,7 +603,11 @@ def train(a: Args) -> dict:
 
     if a.encode:  # only (re)build the latent cache
         model, ckpt = load_tokenizer(ckpt_path, device)
-        return build_latent_cache(model, ckpt["args"]["data"], a.out, device)
+        root = data.ensure_dataset(a.encode_data) if a.encode_data else ckpt["args"]["data"]
+        if data.load_meta(root)["image_size"] != model.image_size:
+            raise ValueError(f"{root} holds {data.load_meta(root)['image_size']}-pixel frames but the tokenizer in "
+                             f"{ckpt_path} was trained on {model.image_size}-pixel frames: encode a dataset of that size")
+        return build_latent_cache(model, root, a.out, device)
 
     a.data = data.ensure_dataset(a.data)  # generates a missing built-in dataset
     meta = data.load_meta(a.data)

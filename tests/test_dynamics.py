@@ -27,8 +27,8 @@ def tiny_model(window=4, action_classes=(5, 2, 2), seed=0):
                             heads=4, kv_heads=2, registers=2, context=window, mlp_ratio=2.0, k_max=K_MAX).eval()
 
 
-def toy_f(z, tau, d):
-    """A fixed nonlinear per-frame function standing in for the network: ẑ₁ = f(z, τ, d)."""
+def toy_f(z, tau, d, rows=None):
+    """A fixed nonlinear per-frame function standing in for the network: ẑ₁ = f(z, τ, d) (rows: unused)."""
     g = torch.Generator().manual_seed(123)
     W = torch.randn(z.shape[-1], z.shape[-1], generator=g) / math.sqrt(z.shape[-1])
     tau = torch.as_tensor(tau, dtype=z.dtype)
@@ -106,17 +106,21 @@ def test_tau_d_lie_on_the_eq4_grid_with_the_right_frequencies():
 
 
 def test_flow_frac_sets_the_share_of_flow_frames_and_keeps_the_grid():
-    """--flow-frac 0.75: 75 % of frames at d = d_min, the rest uniform over {1/k_min, …, 2/K_max}."""
+    """--flow-frac 0.75: 75 % of rows (so of frames) at d = d_min, the rest uniform over {1/k_min, …, 2/K_max}."""
     gen = torch.Generator().manual_seed(1)
-    tau, d = dy.sample_tau_d((400, 500), K_MAX, gen, k_min=4, flow_frac=0.75)
-    assert float((d == 1 / K_MAX).float().mean()) == pytest.approx(0.75, abs=0.005)
-    for v in (1 / 4, 1 / 8, 1 / 16, 1 / 32):  # the other four step sizes share the remaining 25 %
-        assert float((d == v).float().mean()) == pytest.approx(0.25 / 4, abs=0.005)
+    tau, d = dy.sample_tau_d((4000, 50), K_MAX, gen, k_min=4, flow_frac=0.75)
+    assert float((d == 1 / K_MAX).float().mean()) == pytest.approx(0.75, abs=0.02)  # 4,000 rows: σ ≈ 0.007
+    boot = d[d > 1 / K_MAX]
+    for v in (1 / 4, 1 / 8, 1 / 16, 1 / 32):  # the other four step sizes share the rest equally
+        assert float((boot == v).float().mean()) == pytest.approx(1 / 4, abs=0.01)
     assert set(d.unique().tolist()) == {2.0 ** -e for e in range(2, 7)}
     assert torch.equal(tau / d, (tau / d).round()) and (1 - tau >= d).all()
     counts = torch.bincount((tau[d == 1 / K_MAX] * K_MAX).long(), minlength=K_MAX).float()  # τ uniform given d
     assert float((counts / counts.mean() - 1).abs().max()) < 0.1
-    assert (d.std(dim=1) > 0).all()  # still per frame
+    flow_rows = (d == 1 / K_MAX).all(dim=1)  # a row is all flow frames or has none
+    assert not (d[~flow_rows] == 1 / K_MAX).any()
+    assert float(flow_rows.float().mean()) == pytest.approx(0.75, abs=0.02)
+    assert (d[~flow_rows].std(dim=1) > 0).all()  # the bootstrap rows still draw d per frame
 
 
 # ---------------------------------------------------------------- sampler (PITFALLS.md 2)
@@ -182,6 +186,29 @@ def test_eq7_matches_slow_per_frame_transcription():
     assert float(terms["flow"] + terms["boot"]) == pytest.approx(float(terms["loss"]), rel=1e-5)
 
 
+def test_half_steps_on_bootstrap_rows_only_equal_the_row_by_row_loss():
+    """With --flow-frac most rows are all flow; Eq 7's half-step passes run only on the other rows
+    (the actions and start-frame flags of exactly those rows). Same per-frame loss as row by row."""
+    model = tiny_model().train()
+    gen = torch.Generator().manual_seed(5)
+    fb = dy.forcing_batch(torch.tanh(torch.randn(8, 5, 8, 3, generator=gen)), torch.randint(0, 2, (8, 5, 3)),
+                          K_MAX, 0.25, gen, flow_frac=0.5)
+    flow_rows = (fb["d"] == 1 / K_MAX).all(1)
+    assert 0 < int(flow_rows.sum()) < 8 and fb["independent"].any()
+    calls = []
+
+    def f(z, t, d, rows=None):
+        calls.append(len(z))
+        return model(z, t, d, *dy.row_select(fb, rows))
+    batched = dy.shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], K_MAX)["per_frame"]
+    assert calls == [8, 8 - int(flow_rows.sum()), 8 - int(flow_rows.sum())]  # the half steps skip flow rows
+    for b in range(8):
+        one = {k: v if v is None else v[b:b + 1] for k, v in fb.items()}
+        g = lambda z, t, d, rows=None: model(z, t, d, *dy.row_select(one, rows))  # noqa: E731
+        row = dy.shortcut_forcing_loss(g, one["clean"], one["noise"], one["tau"], one["d"], K_MAX)["per_frame"]
+        torch.testing.assert_close(batched[b:b + 1], row, atol=1e-5, rtol=1e-4)
+
+
 def test_bootstrap_term_equals_its_x_space_form():
     """(1 − τ)²·‖v̂ − sg(b′ + b″)/2‖² = ‖ẑ₁ − sg(z̃ + (1 − τ)·(b′ + b″)/2)‖² (PAPER.md §4.3)."""
     clean, noise, tau, d = flow_and_boot_batch()
@@ -206,7 +233,9 @@ def test_loss_is_finite_at_every_grid_point_and_gradients_reach_tau_d_and_action
     clean, noise = torch.tanh(torch.randn(127, 1, 4, 6)), torch.randn(127, 1, 4, 6)
     acts = torch.randint(0, 2, (127, 2, 3))
     prev, valid = dy.shift_actions(acts)
-    f = lambda z, t, dd: model(z.repeat(1, 2, 1, 1), t.repeat(1, 2), dd.repeat(1, 2), prev, valid)[:, 1:]  # noqa: E731
+    def f(z, t, dd, rows=None):  # frame 0 a copy of the frame, so the action a_0 reaches frame 1
+        p, v = (prev, valid) if rows is None else (prev[rows], valid[rows])
+        return model(z.repeat(1, 2, 1, 1), t.repeat(1, 2), dd.repeat(1, 2), p, v)[:, 1:]
     terms = dy.shortcut_forcing_loss(f, clean, noise, tau, d, K_MAX)
     assert torch.isfinite(terms["per_frame"]).all() and torch.isfinite(terms["loss"])
     terms["loss"].backward()
@@ -292,7 +321,7 @@ class ToyNet(nn.Module):
         self.net = nn.Sequential(nn.Linear(10, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
                                  nn.Linear(width, 1))
 
-    def forward(self, z, tau, d):  # z (B, 1, 1, 1); tau, d (B, 1) tensors or floats (the sampler)
+    def forward(self, z, tau, d, rows=None):  # z (B, 1, 1, 1); tau, d (B, 1) tensors or floats (the sampler)
         B = z.shape[0]
         tau, d = (torch.as_tensor(v, dtype=z.dtype).reshape(-1, 1).expand(B, 1) for v in (tau, d))
         e = self.d_embed(torch.round(-torch.log2(d)).long()[:, 0])  # (B, 8)
@@ -338,7 +367,7 @@ def test_fixed_batch_overfits():
     gen = torch.Generator().manual_seed(0)
     fb = dy.forcing_batch(torch.tanh(torch.randn(4, 4, 8, 3, generator=gen)), torch.randint(0, 2, (4, 4, 3)),
                           K_MAX, 0.25, gen)
-    f = lambda z, t, d: model(z, t, d, fb["prev_actions"], fb["act_valid"], fb["independent"])  # noqa: E731
+    f = lambda z, t, d, rows=None: model(z, t, d, *dy.row_select(fb, rows))  # noqa: E731
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):

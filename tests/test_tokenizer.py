@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -300,3 +301,17 @@ def test_bad_inputs_give_clear_errors(smoke_run, tmp_path):
     # A missing latent cache.
     with pytest.raises(FileNotFoundError, match="tokenizer.py --encode"):
         tk.LatentCache(str(tmp_path / "nowhere"))
+
+
+def test_encode_another_dataset(smoke_run, tmp_path):
+    # `--encode --encode-data DIR` encodes a different dataset (e.g. a larger one) with a trained tokenizer.
+    tmp, data_dir, out = smoke_run
+    other = str(tmp_path / "other")
+    run("data.py", "--preset", "smoke", "--episodes", "4", "--seed", "1", "--out", other)
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    shutil.copy(os.path.join(out, "ckpt.pt"), enc / "ckpt.pt")
+    run("tokenizer.py", "--preset", "smoke", "--out", str(enc), "--encode", "--encode-data", other)
+    index = json.load(open(enc / "latents" / "index.json"))
+    assert index["data"] == os.path.abspath(other)
+    assert sum(ep["length"] for s in index["splits"].values() for ep in s) == 4 * 64
