@@ -838,10 +838,10 @@ def ensure_dataset(name_or_path: str) -> str:
     name = os.path.basename(os.path.normpath(path))
     if os.path.exists(os.path.join(path, "meta.json")) or glob.glob(os.path.join(path, "*.npz")):
         if name in BUILTIN and os.path.exists(os.path.join(path, "meta.json")):
-            want = parse_args(Args, PRESETS, ["--preset", BUILTIN[name]])
+            want = PRESETS.get(BUILTIN[name], {}).get("episodes", Args.episodes)
             have = json.load(open(os.path.join(path, "meta.json"))).get("episodes")
-            if have != want.episodes:  # e.g. a folder written before the preset grew
-                print(f"!! {path} holds {have} episodes but the built-in '{name}' preset now writes {want.episodes}: "
+            if have != want:  # e.g. a folder written before the preset grew
+                print(f"!! {path} holds {have} episodes but the built-in '{name}' preset now writes {want}: "
                       f"figures will differ from the README's. Delete {path} to regenerate it.", flush=True)
         return path
     if name not in BUILTIN:

@@ -315,8 +315,8 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     """Eq 7, per frame, weighted by Eq 8 and averaged over all frames.
 
     f(z̃, τ, d, rows=None) → ẑ₁: the network (actions, start-frame flags etc. closed over); `rows`
-    (a LongTensor of batch rows, or None for all) says which rows z̃, τ, d hold: the two half-step
-    passes run only on rows that contain a bootstrap frame (with `--flow-frac` most rows have none).
+    (a LongTensor of batch rows; None = all) says which rows z̃, τ, d hold: the two half-step passes
+    run only on the rows that contain a bootstrap frame (with `--flow-frac` most rows have none).
     clean z₁, noise z₀: (B, T, N, C); tau, d: (B, T) from sample_tau_d (τ = 1 is clean).
         flow frames (d = d_min):   L = ‖ẑ₁ − z₁‖²
         bootstrap (d > d_min):     b′ = (f(z̃, τ, d/2) − z̃)/(1 − τ),   z′ = z̃ + b′·d/2
@@ -331,21 +331,18 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     z1_hat = f(z_tilde, tau, d)  # ẑ₁ with the full step d: (B, T, N, C)
     is_flow = d <= d_min  # (B, T)
     v_target = torch.zeros_like(z_tilde)  # sg(b′ + b″)/2, filled on the rows that have bootstrap frames
-    boot_rows = (~is_flow).any(dim=1).nonzero()[:, 0]  # (R,) rows with at least one bootstrap frame
-    if len(boot_rows):
-        r = None if len(boot_rows) == len(d) else boot_rows  # None: every row, no indexing
-        sel = (lambda x: x) if r is None else (lambda x: x[r])  # noqa: E731
-        g = f if r is None else (lambda z, t, dd: f(z, t, dd, rows=r))  # noqa: E731
-        zt, tr, fl = sel(z_tilde), sel(tau), sel(is_flow)  # (R, T, N, C), (R, T), (R, T)
+    rows = (~is_flow).any(dim=1).nonzero()[:, 0]  # (R,) rows with at least one bootstrap frame
+    if len(rows):
+        zt, tr, dr, fl = z_tilde[rows], tau[rows], d[rows], is_flow[rows]  # (R, T, N, C), (R, T) ×3
+        clip = (lambda x: x.clamp(-x_clip, x_clip)) if x_clip > 0 else (lambda x: x)  # noqa: E731
         with torch.no_grad():  # both half-step passes are targets: sg(·), online weights (no EMA)
-            half = torch.where(fl, torch.zeros_like(tr), sel(d) / 2)  # flow frames stay put (d_min/2 is off-grid)
-            d_half = torch.where(fl, sel(d), sel(d) / 2)  # step size the half passes are conditioned on
-            clip = (lambda x: x.clamp(-x_clip, x_clip)) if x_clip > 0 else (lambda x: x)  # noqa: E731
-            b1 = x_to_velocity(clip(g(zt, tr, d_half)), zt, tr)  # b′ at (z̃, τ, d/2)
+            half = torch.where(fl, torch.zeros_like(dr), dr / 2)  # flow frames stay put (d_min/2 is off-grid)
+            d_half = torch.where(fl, dr, dr / 2)  # step size the half passes are conditioned on
+            b1 = x_to_velocity(clip(f(zt, tr, d_half, rows=rows)), zt, tr)  # b′ at (z̃, τ, d/2)
             z_prime = zt + b1 * half[..., None, None]  # z′ = z̃ + b′·d/2
             tau_prime = tr + half  # τ + d/2 ≤ 1 − d/2 < 1 on the Eq 4 grid
-            b2 = x_to_velocity(clip(g(z_prime, tau_prime, d_half)), z_prime, tau_prime)  # b″ at (z′, τ + d/2, d/2)
-            v_target[slice(None) if r is None else r] = ((b1 + b2) / 2).to(v_target.dtype)  # sg(b′ + b″)/2
+            b2 = x_to_velocity(clip(f(z_prime, tau_prime, d_half, rows=rows)), z_prime, tau_prime)  # b″ at (z′, τ + d/2, d/2)
+            v_target[rows] = ((b1 + b2) / 2).to(v_target.dtype)  # sg(b′ + b″)/2
     flow = (z1_hat - clean).pow(2).mean(dim=(-2, -1))  # ‖ẑ₁ − z₁‖²: (B, T)
     v_hat = x_to_velocity(z1_hat, z_tilde, tau)  # (ẑ₁ − z̃)/(1 − τ): (B, T, N, C)
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
