@@ -604,8 +604,9 @@ def train(a: Args) -> dict:
     if a.encode:  # only (re)build the latent cache
         model, ckpt = load_tokenizer(ckpt_path, device)
         root = data.ensure_dataset(a.encode_data) if a.encode_data else ckpt["args"]["data"]
-        if data.load_meta(root)["image_size"] != model.image_size:
-            raise ValueError(f"{root} holds {data.load_meta(root)['image_size']}-pixel frames but the tokenizer in "
+        size = data.load_meta(root)["image_size"]
+        if size != model.image_size:
+            raise ValueError(f"{root} holds {size}-pixel frames but the tokenizer in "
                              f"{ckpt_path} was trained on {model.image_size}-pixel frames: encode a dataset of that size")
         return build_latent_cache(model, root, a.out, device)
 
