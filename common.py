@@ -226,7 +226,8 @@ class KVCache:
 
 
 class SpaceTimeTransformer(nn.Module):
-    """The §3.4 transformer on x: (B, T, N, D). Layer i attends over time iff (i+1) % time_every == 0.
+    """The §3.4 transformer on x: (B, T, N, D). Layer i attends over time iff i % time_every equals
+    time_layer % time_every (time_layer = −1: the last layer of every group of time_every, 0: the first).
 
     Space layers: the N tokens of one frame attend to each other under `space_mask` (N, N) bool
     (True = may attend): this is how the tokenizer and the dynamics say which token groups see
@@ -237,7 +238,7 @@ class SpaceTimeTransformer(nn.Module):
 
     def __init__(self, dim: int, depth: int, n_heads: int, n_kv_heads: int | None = None,
                  time_every: int = 4, window: int = 32, mlp_ratio: float = 4.0, soft_cap: float = 50.0,
-                 rope_base: float = 10000.0, space_rope_base: float | None = None):
+                 rope_base: float = 10000.0, space_rope_base: float | None = None, time_layer: int = -1):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         self.window, self.head_dim, self.rope_base = window, dim // n_heads, rope_base
@@ -245,7 +246,7 @@ class SpaceTimeTransformer(nn.Module):
         # or neighbouring patches look alike to attention (tokenizer.py uses 10; not in paper).
         self.space_rope_base = space_rope_base or rope_base
         self.blocks = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, mlp_ratio, soft_cap, is_time=(i + 1) % time_every == 0)
+            Block(dim, n_heads, n_kv_heads, mlp_ratio, soft_cap, is_time=i % time_every == time_layer % time_every)
             for i in range(depth))
         self.norm = RMSNorm(dim)
 
@@ -370,7 +371,9 @@ def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | No
     if preset != "default":
         values.update(presets[preset])
     values.update(given)
-    return cls(**values)
+    args = cls(**values)
+    args._given = set(given)  # the flags typed on the command line (e.g. for dynamics.py --eval-only)
+    return args
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:

@@ -378,6 +378,16 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
 
 
+def psnr_of_mean_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR of the squared error averaged over the leading (batch) dim: 10·log10(1 / mean_b MSE_b).
+
+    (B, …, H, W, 3) → (…). Unlike the mean of per-image PSNRs it stays finite and fair when some
+    images are reproduced exactly (a copy baseline on frames where nothing changed).
+    """
+    mse = (x.clamp(0, 1) - y).pow(2).mean(dim=(-3, -2, -1)).mean(0)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004), Gaussian window, averaged over channels.
 

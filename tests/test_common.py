@@ -314,3 +314,11 @@ def test_check_finite_and_metrics_log(tmp_path, capsys):
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["loss"] for l in lines] == [0.5, 0.25] and "frames_per_s" in lines[1]
     assert "step 2/10 | loss 0.25" in capsys.readouterr().out
+
+
+def test_which_layers_attend_over_time():
+    """§3.4 "time attention every 4 layers": which layer of each group is --time-layer (hand-written table)."""
+    table = {(8, 4, -1): [3, 7], (8, 4, 0): [0, 4], (4, 4, -1): [3], (4, 2, 0): [0, 2], (6, 3, 1): [1, 4]}
+    for (depth, every, layer), expected in table.items():
+        net = common.SpaceTimeTransformer(16, depth, 2, time_every=every, time_layer=layer)
+        assert [i for i, b in enumerate(net.blocks) if b.is_time] == expected, (depth, every, layer)

@@ -404,6 +404,10 @@ def test_smoke_run_writes_summary_pictures_and_resumes_exactly(smoke_tokenizer):
                 "cache_speedup_ctx32", "psnr_k4_per_horizon", "loss_by_d"):
         assert key in s, key
     assert s["stage"] == "dynamics" and s["steps"] == 6 and len(s["psnr_k4_per_horizon"]) == 3
+    # Rollout figures: PSNR of the mean squared error per horizon (tokenizer.psnr_of_mean_mse), averaged
+    # over the horizons; the mean of per-frame PSNRs, which exact copies inflate, is kept beside it.
+    assert abs(s["psnr_k4"] - sum(s["psnr_k4_per_horizon"]) / 3) < 1e-4
+    assert "psnr_repeat_last_frame_mean" in s and "psnr_k4_frame_mean" in s
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["parent"]["stage"] == "tokenizer" and ckpt["format_version"] == 1
     model, _ = dy.load_dynamics(os.path.join(full, "ckpt.pt"))
@@ -420,6 +424,15 @@ def test_smoke_run_writes_summary_pictures_and_resumes_exactly(smoke_tokenizer):
     for k in ckpt["model"]:
         torch.testing.assert_close(ckpt["model"][k], b["model"][k], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ckpt["ema"][k], b["ema"][k], atol=1e-6, rtol=1e-5)
+    # --eval-only: no training; the model comes from the checkpoint (no --preset needed), the typed
+    # evaluation flags apply, the training figures and metrics.jsonl stay as they were.
+    log = open(os.path.join(full, "metrics.jsonl")).read()
+    run("dynamics.py", "--eval-only", "--out", full, "--eval-seqs", "3")
+    s2 = json.load(open(os.path.join(full, "summary.json")))
+    assert s2["eval_only"] and s2["eval_seqs"] == 3 and s2["eval_horizon"] == 3
+    assert s2["wall_s"] == s["wall_s"] and s2["steps"] == 6
+    assert open(os.path.join(full, "metrics.jsonl")).read() == log
+    assert torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)["step"] == 6
 
 
 def test_ema_update_matches_a_slow_average():

@@ -1,6 +1,7 @@
 """Tests of the causal tokenizer (tokenizer.py, §3.1, Eq 5), STYLE.md tiers 1-4."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -205,6 +206,16 @@ def test_psnr_and_ssim_against_formulas():
     torch.testing.assert_close(tk.psnr(y, x), 10 * torch.log10(1 / mse))
     assert torch.allclose(tk.ssim(x, x), torch.ones(4), atol=1e-5)
     assert (tk.ssim(y, x) < 1).all() and (tk.ssim(y, x) > tk.ssim(torch.rand_like(x), x)).all()
+
+
+def test_psnr_of_mean_mse_is_fair_to_exact_copies():
+    # Two windows × 1 horizon: one frame copied exactly (per-frame PSNR clamps to 100 dB), one with
+    # MSE 0.01 (20 dB). The per-frame mean says 60 dB; the PSNR of the mean MSE says 10·log10(1/0.005).
+    y = torch.zeros(2, 1, 4, 4, 3)
+    x = y.clone()
+    x[1] += 0.1  # squared error 0.01 on every pixel of window 1
+    assert abs(float(tk.psnr(x, y).mean()) - 60.0) < 1e-3
+    torch.testing.assert_close(tk.psnr_of_mean_mse(x, y), torch.tensor([10 * math.log10(1 / 0.005)]))
 
 
 # ---------------------------------------------------------------- learning
