@@ -596,7 +596,7 @@ class LatentCache:
         for s in starts:
             ep = next(e for e in self.episodes if e["offset"] <= s < e["offset"] + e["length"])
             f = data.mapped_frames(self.data_root, ep["id"])  # (T_ep, H, W, 3) memory-mapped
-            frames.append(f[s - ep["offset"]:s - ep["offset"] + T])
+            frames.append(np.array(f[s - ep["offset"]:s - ep["offset"] + T]))  # a copy: frees the map (open files)
         return np.stack(frames)
 
 

@@ -281,6 +281,15 @@ def test_smoke_run_writes_outputs_and_latent_cache(smoke_run):
     assert batch["latents"].shape == (3, 4, 8, 4) and batch["frames"].shape[:2] == (3, 4)
     if batch["actions"] is not None:
         assert batch["actions"].dtype == torch.int64 and batch["actions"].shape[:2] == (3, 4)
+    # Many windows with frames must not hold one open memory map per window (it once ran out of
+    # file handles at ~1,000 windows): with a limit of 48 open files, 300 windows still load.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(48, hard), hard))
+    try:
+        assert cache.sample(300, 2, with_frames=True)["frames"].shape[:2] == (300, 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(smoke_run):
