@@ -90,9 +90,9 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
   - One action token per step (S_a = 1): per-component embeddings summed with the base embedding.
   - Which layer of each group of four attends over time (§3.4 says "every 4 layers", not which): the
     last (`--time-layer -1`). With 4 layers that is one time layer, at the end. Measured at the cpu
-    preset, 3,000 steps, 1,000-episode data, 32 held-out windows (mean of per-frame PSNR): last
-    24.58 dB, first (`--time-layer 0`) 24.55, layers 0 and 2 (`--time-every 2 --time-layer 0`)
-    24.69; the action-shuffle gap stayed at 0.01–0.02 dB in all three.
+    preset, 3,000 steps, 1,000-episode data, 32 held-out windows: last 24.40 dB, first
+    (`--time-layer 0`) 24.42, layers 0 and 2 (`--time-every 2 --time-layer 0`) 24.51; the
+    action-shuffle gap stayed at 0.00–0.01 dB in all three.
   - Rollout PSNR is averaged as the PSNR of the mean squared error per horizon (not in paper; see
     evaluate_rollouts): the mean of per-frame PSNRs rates exact copies of unchanged frames at 100 dB,
     which lifted the pixel copy baseline from 24.2 to 27.8 dB at the cpu preset.
