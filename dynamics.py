@@ -158,7 +158,7 @@ class Args:
     fps_frames: int = 64  # frames generated at batch 1 to time generation (not in paper)
     stop_at: int = 0  # stop after this step as if interrupted (to test --resume); 0 = never
     resume: bool = False  # continue the run in --out from its ckpt.pt
-    eval_only: bool = False  # no training: evaluate the checkpoint in --out (its own model args; --eval-*, --ctx-tau, --sample-k apply) and update its summary.json
+    eval_only: bool = False  # no training: evaluate the checkpoint in --out (its model args) and update its summary.json
     seed: int = 0  # seed for model init; data and noise streams are derived from (seed, step)
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False  # torch.compile the training forward (off by default)
@@ -277,8 +277,9 @@ class DynamicsModel(nn.Module):
         self.latent_in = nn.Linear(latent_dim, dim)  # §3.2: linear projection to the model width
         self.latent_slot = nn.Parameter(torch.randn(latent_tokens, dim) * 0.02)  # which latent token
         self.register_tokens = nn.Parameter(torch.randn(registers, dim) * 0.02)  # S_r registers (§3.4)
-        self.transformer = common.SpaceTimeTransformer(dim, depth, heads, kv_heads, time_every=time_every, time_layer=time_layer, window=context,
-                                                       mlp_ratio=mlp_ratio, soft_cap=soft_cap)
+        self.transformer = common.SpaceTimeTransformer(dim, depth, heads, kv_heads, time_every=time_every,
+                                                       time_layer=time_layer, window=context, mlp_ratio=mlp_ratio,
+                                                       soft_cap=soft_cap)
         self.latent_out = nn.Linear(dim, latent_dim)  # x-prediction head
         self.spatial = slice(2, 2 + latent_tokens)  # where the latent tokens sit in a frame
 
@@ -698,7 +699,8 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
             pe.lerp_(p, 1 - beta)
 
 
-# What --eval-only takes from the command line (when typed there); the rest comes from the checkpoint's args.
+# What --eval-only takes from the command line (--out always, the others when typed); the rest comes from the
+# checkpoint's args, so a moved run folder is evaluated and written where it is now.
 EVAL_FIELDS = ("out", "sample_k", "ctx_tau", "eval_seqs", "eval_context", "eval_horizon", "fps_frames", "seed",
                "device")
 
@@ -708,7 +710,7 @@ def train(a: Args) -> dict:
     if a.eval_only:  # rebuild the trained run's model and data from its checkpoint, keep the evaluation flags
         stored = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")["args"]
         a = Args(**{**{k: v for k, v in stored.items() if k in Args.__dataclass_fields__},
-                    **{k: getattr(a, k) for k in EVAL_FIELDS if k in getattr(a, "_given", EVAL_FIELDS)},
+                    **{k: getattr(a, k) for k in EVAL_FIELDS if k == "out" or k in getattr(a, "_given", EVAL_FIELDS)},
                     "eval_only": True, "resume": True})
     common.seed_everything(a.seed)
     device = common.pick_device(a.device)
