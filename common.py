@@ -357,7 +357,7 @@ def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | No
                                      argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{helps.get(f.name, '')} (default: {f.default})"
+        help_text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
         if f.name == "preset":
             parser.add_argument(flag, choices=["default", *presets], help=help_text)
         elif f.type in (bool, "bool"):

@@ -266,11 +266,12 @@ class ToyArgs:
     preset: str = "default"  # which preset to start from
     steps: int = 100  # training steps
     lr: float = 1e-3  # learning rate
+    frac: float = 0.3  # share of sequences (§3.4: 30 %)
     compile: bool = False  # use torch.compile
     out: str = "runs/toy"  # output folder
 
 
-def test_parse_args_precedence_and_help():
+def test_parse_args_precedence_and_help(capsys):
     presets = {"smoke": {"steps": 5, "lr": 0.5}}
     assert common.parse_args(ToyArgs, presets, []) == ToyArgs()
     a = common.parse_args(ToyArgs, presets, ["--preset", "smoke", "--lr", "0.1", "--compile"])
@@ -279,6 +280,13 @@ def test_parse_args_precedence_and_help():
     assert common._field_help(ToyArgs)["steps"] == "training steps"
     with pytest.raises(SystemExit):
         common.parse_args(ToyArgs, presets, ["--preset", "nonexistent"])
+    # --help prints every flag's help; a "%" in a help comment once crashed argparse's formatting.
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(ToyArgs, presets, ["--help"])
+    assert exit_info.value.code == 0
+    assert "30 %" in capsys.readouterr().out
+    a = common.parse_args(ToyArgs, presets, ["--lr", "0.2"])
+    assert a._given == {"lr"}  # what was typed (dynamics.py --eval-only uses it)
 
 
 def test_checkpoint_roundtrip_and_clear_errors(tmp_path):
