@@ -706,10 +706,10 @@ EVAL_FIELDS = ("out", "sample_k", "ctx_tau", "eval_seqs", "eval_context", "eval_
 
 
 def train(a: Args) -> dict:
-    ckpt_path = os.path.join(a.out, "ckpt.pt")
+    ckpt_path, ckpt = os.path.join(a.out, "ckpt.pt"), None
     if a.eval_only:  # rebuild the trained run's model and data from its checkpoint, keep the evaluation flags
-        stored = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")["args"]
-        a = Args(**{**{k: v for k, v in stored.items() if k in Args.__dataclass_fields__},
+        ckpt = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")
+        a = Args(**{**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__},
                     **{k: getattr(a, k) for k in EVAL_FIELDS if k == "out" or k in getattr(a, "_given", EVAL_FIELDS)},
                     "eval_only": True, "resume": True})
     common.seed_everything(a.seed)
@@ -737,8 +737,8 @@ def train(a: Args) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False) if a.ema > 0 else None  # the weights that sample
     norm = common.RunningRMS()
     step = 0
-    if a.resume:
-        ckpt = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")
+    if a.resume:  # (--eval-only has read the checkpoint already)
+        ckpt = ckpt or common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt.get("ema") or ckpt["model"])
