@@ -113,6 +113,7 @@ import torch
 import torch.nn as nn
 
 import common
+import data
 from tokenizer import LatentCache, load_tokenizer, pack, psnr, psnr_of_mean_mse, unpack
 
 
@@ -135,6 +136,7 @@ class Args:
     k_min: int = 1  # coarsest step trained, d ≤ 1/k_min (Eq 4: 1; see docstring)
     flow_frac: float = 0.75  # share of sequences with every frame at d = d_min (flow term); 0 = literal Eq 4 (1 in 7); not in paper
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to the tanh latent range ±1; 0 = off (not in paper)
+    ramp: bool = True  # Eq 8 ramp weight w(τ) = 0.9τ + 0.1 on the loss; --no-ramp: w = 1 (an experiment)
     start_frac: float = 0.3  # share of sequences per batch trained as independent images (§3.4: 30 %)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
@@ -323,7 +325,7 @@ class DynamicsModel(nn.Module):
 
 
 def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, d: torch.Tensor,
-                          k_max: int, x_clip: float = 0.0) -> dict:
+                          k_max: int, x_clip: float = 0.0, ramp: bool = True) -> dict:
     """Eq 7, per frame, weighted by Eq 8 and averaged over all frames.
 
     f(z̃, τ, d, rows=None) → ẑ₁: the network (actions, start-frame flags etc. closed over); `rows`
@@ -335,7 +337,8 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
                                    b″ = (f(z′, τ + d/2, d/2) − z′)/(1 − (τ + d/2))
                                    L = (1 − τ)²·‖(ẑ₁ − z̃)/(1 − τ) − sg(b′ + b″)/2‖²
     x_clip > 0 clamps the two half-step x-predictions to [−x_clip, x_clip] before they become b′, b″
-    (a safeguard, not in the paper: see the module docstring). Returns loss = mean_t w(τ_t)·L_t, its
+    (a safeguard, not in the paper: see the module docstring). ramp=False replaces Eq 8 by w = 1 (`--no-ramp`,
+    an experiment, see the module docstring). Returns loss = mean_t w(τ_t)·L_t, its
     flow and boot parts (loss = flow + boot), and the unweighted per-frame L (B, T) for the pictures.
     """
     d_min = 1.0 / k_max
@@ -359,7 +362,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     v_hat = x_to_velocity(z1_hat, z_tilde, tau)  # (ẑ₁ − z̃)/(1 − τ): (B, T, N, C)
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
-    w = ramp_weight(tau)  # Eq 8 on both terms (DESIGN.md §5)
+    w = ramp_weight(tau) if ramp else torch.ones_like(tau)  # Eq 8 on both terms (DESIGN.md §5)
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
             "flow": (w * per_frame * is_flow).sum().detach() / n,
@@ -558,6 +561,17 @@ def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, dev
         shuffled = actions.clone()  # from the action that leads into the first generated frame on
         shuffled[:, Tc - 1:] = actions[torch.roll(torch.arange(actions.shape[0]), 1), Tc - 1:]
         score("shuffled", run(a.sample_k, shuffled))
+        # What a perfect world model would score: the environment itself, replayed to the last context
+        # frame and stepped with the true or the shuffled actions, with fresh draws for what nobody
+        # controls (one sample, like a rollout). Built-in datasets only (data.simulate_future).
+        sim = {name: [data.simulate_future(held.data_root, i, s + Tc - 1, acts[Tc - 1:Tc - 1 + H].cpu().numpy(),
+                                           rng_seed=(a.seed, j), meta=held.meta)
+                      for j, (i, s, acts) in enumerate(zip(batch["episode_ids"], batch["episode_starts"], acts_all))]
+               for name, acts_all in (("simulator", actions), ("simulator_shuffled", shuffled))}
+        if all(x is not None for x in sim["simulator"] + sim["simulator_shuffled"]):
+            for name, frames in sim.items():
+                score(name, torch.from_numpy(np.stack(frames)).to(device).float() / 255)  # (B, H, H_px, W_px, 3)
+            out["action_shuffle_gap_simulator_db"] = out["psnr_simulator"] - out["psnr_simulator_shuffled"]
         out["action_shuffle_gap_db"] = out[f"psnr_k{a.sample_k}"] - out["psnr_shuffled"]
     out["_pictures"] = (true, torch.cat([recon[:, :Tc], pix[a.sample_k]], 1))  # for the figures only
     return out
@@ -576,7 +590,8 @@ def loss_by_tau_d(model: DynamicsModel, held: LatentCache, a: Args, device, repe
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, 0.0, gen, a.k_min, a.flow_frac)
         f = lambda z, tau, d, rows=None: model(z, tau, d, *row_select(fb, rows)).float()  # noqa: E731
         with common.autocast(device):
-            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip)
+            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip,
+                                          a.ramp)
         taus.append(fb["tau"].flatten()), ds.append(fb["d"].flatten()), losses.append(terms["per_frame"].flatten())
     tau, d, loss = torch.cat(taus).cpu(), torch.cat(ds).cpu(), torch.cat(losses).float().cpu()
     by_d = {f"1/{round(1 / float(v))}": float(loss[d == v].mean()) for v in sorted(d.unique().tolist(), reverse=True)}
@@ -779,7 +794,8 @@ def train(a: Args) -> dict:
         for g in opt.param_groups:
             g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
         with common.autocast(device):
-            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip)
+            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip,
+                                          a.ramp)
         common.check_finite(step, loss=terms["loss"])
         loss = norm(terms["loss"])  # ÷ running RMS (§3 intro)
         opt.zero_grad(set_to_none=True)
@@ -839,7 +855,9 @@ def train(a: Args) -> dict:
               f"{summary[f'psnr_k{a.k_max}']:.2f} dB | repeat-last {summary['psnr_repeat_last']:.2f} dB "
               f"(decoded {summary['psnr_repeat_last_decoded']:.2f}, tokenizer ceiling "
               f"{summary['psnr_tokenizer_ceiling']:.2f}) | "
-              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | latent MSE K={a.sample_k} "
+              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | the environment itself "
+              f"{summary.get('psnr_simulator', float('nan')):.2f} dB, shuffle gap "
+              f"{summary.get('action_shuffle_gap_simulator_db', float('nan')):.2f} dB | latent MSE K={a.sample_k} "
               f"{summary[f'latent_mse_k{a.sample_k}']:.4f} vs repeat-last {summary['latent_mse_repeat_last']:.4f} | "
               f"{summary['gen_fps']:.0f} frames/s (batch 1, K={a.sample_k}, cache) | "
               f"cache speed-up ×{summary['cache_speedup_ctx32']:.1f} at 32 context frames")

@@ -586,18 +586,13 @@ class LatentCache:
         out = {"latents": torch.from_numpy(np.asarray(self.latents[idx], dtype=np.float32)),  # (B, T, N_b, D_b)
                "actions": None if self.actions is None else torch.from_numpy(np.asarray(self.actions[idx])),
                "rewards": None if self.rewards is None else torch.from_numpy(np.asarray(self.rewards[idx]))}
-        if with_frames:
-            out["frames"] = torch.from_numpy(self._frames(starts, seq_len))  # (B, T, H, W, 3) uint8
+        if with_frames:  # evaluation: the pixels, and where each window sits (episode id, first frame)
+            where = [next((e["id"], s - e["offset"]) for e in self.episodes
+                          if e["offset"] <= s < e["offset"] + e["length"]) for s in starts]
+            out["episode_ids"], out["episode_starts"] = [w[0] for w in where], [int(w[1]) for w in where]
+            out["frames"] = torch.from_numpy(np.stack([np.array(  # a copy frees the memory map (open files)
+                data.mapped_frames(self.data_root, i)[s:s + seq_len]) for i, s in where]))  # (B, T, H, W, 3) uint8
         return out
-
-    def _frames(self, starts: np.ndarray, T: int) -> np.ndarray:
-        """Pixel frames of the sampled windows, read from the dataset episodes (evaluation only)."""
-        frames = []
-        for s in starts:
-            ep = next(e for e in self.episodes if e["offset"] <= s < e["offset"] + e["length"])
-            f = data.mapped_frames(self.data_root, ep["id"])  # (T_ep, H, W, 3) memory-mapped
-            frames.append(np.array(f[s - ep["offset"]:s - ep["offset"] + T]))  # a copy: frees the map (open files)
-        return np.stack(frames)
 
 
 # ==============================================================================================

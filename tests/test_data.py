@@ -262,6 +262,29 @@ def test_meta_is_inferred_for_bring_your_own_episodes(smoke, tmp_path):
     assert ds.sample(2)["actions"].shape == (2, 8, 4)
 
 
+def test_simulate_future_replays_an_episode_and_refuses_other_data(smoke, tmp_path):
+    """The environment as a world model (the dynamics stage's reference): with the recorded actions and the
+    episode's own draws it reproduces the stored frames exactly; other actions change the agent; a dataset it
+    cannot replay (bring-your-own ids, or frames the rules do not reproduce) gives None."""
+    meta, eid, t, H = data.load_meta(smoke), "ep000001", 10, 12
+    stored = data.load_frames(os.path.join(smoke, eid + ".npz"))  # (T, 32, 32, 3)
+    recorded = np.load(os.path.join(smoke, eid + ".npz"))["actions"]
+    same = data.simulate_future(smoke, eid, t, recorded[t:t + H])
+    assert same.shape == (H, 32, 32, 3) and np.array_equal(same, stored[t + 1:t + 1 + H])
+    fresh = data.simulate_future(smoke, eid, t, recorded[t:t + H], rng_seed=123)  # other creature draws
+    assert fresh.shape == same.shape
+    other = recorded[t:t + H].copy()
+    other[:, 0] = other[:, 0] % 4 + 1  # a move every step, never the recorded move class
+    assert not np.array_equal(data.simulate_future(smoke, eid, t, other), same)
+    root = copy_of(smoke, tmp_path)
+    frames = stored.copy()
+    frames[t] = 255 - frames[t]  # a frame the rules do not produce
+    data.write_episode(root, eid, frames, recorded, np.load(os.path.join(root, eid + ".npz"))["rewards"])
+    assert data.simulate_future(root, eid, t, recorded[t:t + H]) is None
+    assert data.world_seed({**meta, "generator": "someone else"}, eid) is None
+    assert data.world_seed(meta, "clip_7") is None
+
+
 # ---------------------------------------------------------------- players in the real environment
 
 def test_random_and_contractor_success_rates():

@@ -408,6 +408,10 @@ def test_smoke_run_writes_summary_pictures_and_resumes_exactly(smoke_tokenizer):
     # over the horizons; the mean of per-frame PSNRs, which exact copies inflate, is kept beside it.
     assert abs(s["psnr_k4"] - sum(s["psnr_k4_per_horizon"]) / 3) < 1e-4
     assert "psnr_repeat_last_frame_mean" in s and "psnr_k4_frame_mean" in s
+    # The built-in data can be replayed: the environment itself, stepped with the true and the shuffled
+    # actions, is scored like a rollout (what a perfect world model would reach).
+    assert len(s["psnr_simulator_per_horizon"]) == 3 and "psnr_simulator_shuffled" in s
+    assert s["action_shuffle_gap_simulator_db"] == s["psnr_simulator"] - s["psnr_simulator_shuffled"]
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["parent"]["stage"] == "tokenizer" and ckpt["format_version"] == 1
     model, _ = dy.load_dynamics(os.path.join(full, "ckpt.pt"))
