@@ -209,6 +209,30 @@ def test_half_steps_on_bootstrap_rows_only_equal_the_row_by_row_loss():
         torch.testing.assert_close(batched[b:b + 1], row, atol=1e-5, rtol=1e-4)
 
 
+def test_no_ramp_weighs_every_frame_equally():
+    """--no-ramp (an experiment): the same per-frame Eq 7 terms, averaged with w = 1 instead of Eq 8."""
+    clean, noise, tau, d = flow_and_boot_batch()
+    ramp = dy.shortcut_forcing_loss(toy_f, clean, noise, tau, d, K_MAX)
+    flat = dy.shortcut_forcing_loss(toy_f, clean, noise, tau, d, K_MAX, ramp=False)
+    torch.testing.assert_close(flat["per_frame"], ramp["per_frame"])
+    assert float(flat["loss"]) == pytest.approx(float(ramp["per_frame"].mean()), rel=1e-5)
+    assert float(ramp["loss"]) == pytest.approx(float((ramp["per_frame"] * (0.9 * tau + 0.1)).mean()), rel=1e-5)
+
+
+def test_ctx_frac_rows_hold_their_history_at_the_context_level():
+    """--ctx-frac (an experiment): in that share of the sequence rows every frame but the last sits at
+    τ_ctx (snapped, d = d_min) as when sampling; the last frame keeps its Eq 4 draw; start-frame rows never."""
+    lat, acts = torch.rand(400, 6, 8, 3) * 2 - 1, torch.randint(0, 2, (400, 6, 3))
+    base = dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0))
+    fb = dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0), ctx_frac=0.5, ctx_tau=0.9)
+    hist = (fb["tau"][:, :-1] == 58 / 64).all(1) & (fb["d"][:, :-1] == 1 / K_MAX).all(1)  # (B,)
+    assert not (hist & fb["independent"]).any()
+    share = float(hist[~fb["independent"]].float().mean())
+    assert 0.4 < share < 0.6  # half of the 280 sequence rows
+    torch.testing.assert_close(fb["tau"][:, -1], base["tau"][:, -1])  # the last frame: the same Eq 4 draw
+    torch.testing.assert_close(fb["tau"][~hist], base["tau"][~hist])  # other rows untouched
+
+
 def test_bootstrap_term_equals_its_x_space_form():
     """(1 − τ)²·‖v̂ − sg(b′ + b″)/2‖² = ‖ẑ₁ − sg(z̃ + (1 − τ)·(b′ + b″)/2)‖² (PAPER.md §4.3)."""
     clean, noise, tau, d = flow_and_boot_batch()
