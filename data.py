@@ -61,6 +61,7 @@ Deviations and ambiguities
 
 from __future__ import annotations
 
+import copy
 import functools
 import glob
 import json
@@ -482,34 +483,30 @@ def evaluate(policy, episodes: int = 100, seed: int = 0, image_size: int = 64, e
             "return": {"mean": float(ret.mean()), "stderr": float(ret.std() / np.sqrt(len(ret)))}}
 
 
-def world_seed(meta: dict, episode_id: str) -> int | None:
-    """The Env seed of an episode of a dataset written by `generate` (ids ep000000, …); None for any other data."""
-    if meta.get("generator") != "minidreamer4 data.py" or not (episode_id[:2] == "ep" and episode_id[2:].isdigit()):
-        return None
-    return episode_seed(meta["seed"], "data", int(episode_id[2:]))
-
-
-def simulate_future(root: str, episode_id: str, t: int, actions: np.ndarray, rng_seed: int | None = None,
-                    meta: dict | None = None) -> np.ndarray | None:
+def simulate_future(root: str, episode_id: str, t: int, plans: list, rng_seed=None, meta: dict | None = None):
     """The true environment as a world model: rebuild the world of a generated episode, replay its recorded
-    actions to frame t, then play `actions` (H, A) from frame t on (row h is taken at frame t + h) and return the
-    H frames that follow, (H, H_px, W_px, 3) uint8. rng_seed draws afresh what nobody controls (the creature,
-    regrowing trees, where a scared creature lands); None keeps the episode's own draws. Returns None when the
-    episode cannot be replayed (not a dataset written by `generate`, or the replay does not reproduce frame t)."""
+    actions to frame t once, then play each plan (H, A) of `plans` from frame t on (row h is taken at frame
+    t + h) and return, per plan, the H frames that follow, (H, H_px, W_px, 3) uint8. rng_seed draws afresh what
+    nobody controls (the creature, regrowing trees, where a scared creature lands), the same draws for every
+    plan; None keeps the episode's own draws. Returns None when the episode cannot be replayed: not a dataset
+    written by `generate` (ids ep000000, …), or the replay does not reproduce frame t (other rules)."""
     meta = meta or load_meta(root)
-    seed = world_seed(meta, episode_id)
-    if seed is None:
+    if meta.get("generator") != "minidreamer4 data.py" or not (episode_id[:2] == "ep" and episode_id[2:].isdigit()):
         return None
     recorded = check_episode(os.path.join(root, episode_id + ".npz"), meta)["actions"]  # (T_ep, A)
     env = Env(meta["image_size"], meta.get("episode_len", 256))
-    frame = env.reset(seed)
+    frame = env.reset(episode_seed(meta["seed"], "data", int(episode_id[2:])))
     for a in recorded[:t]:
         frame, *_ = env.step(a)
     if not np.array_equal(frame, mapped_frames(root, episode_id)[t]):
         return None  # written by another version of the rules: no replay
-    if rng_seed is not None:
-        env.rng = np.random.default_rng(rng_seed)
-    return np.stack([env.step(a)[0] for a in actions])  # (H, H_px, W_px, 3)
+    futures = []
+    for plan in plans:
+        branch = copy.deepcopy(env)  # every plan starts from the same state at frame t
+        if rng_seed is not None:
+            branch.rng = np.random.default_rng(rng_seed)
+        futures.append(np.stack([branch.step(a)[0] for a in plan]))  # (H, H_px, W_px, 3)
+    return futures
 
 
 def bench_env(image_size: int = 64, steps: int = 20000) -> float:

@@ -96,16 +96,10 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
   - Two experiment switches, off by default (the paper's recipe): `--no-ramp` replaces Eq 8 by w = 1, and
     `--ctx-frac p` trains that share of the sequence rows in the sampling setting (every frame but the
     last at τ_ctx with d = d_min, the last frame from Eq 4; start-frame rows never). They test whether
-    the small model ignores actions because Eq 8 (w = 0.1 at τ = 0) and diffusion forcing's randomly
-    noised history give the next-frame-from-noise task too little signal. Measured at the cpu preset
-    (1,000-episode data, 32 held-out windows, shuffle gap in dB; teacher-forced probe on 232 held-out
-    windows whose last action differs when shuffled: latent MSE of the one-step regression mean at
-    τ = 0 with the true vs the shuffled last action, copying the last frame 0.0106): 6,000 steps
-    `--no-ramp` 24.44 dB, gap 0.01, probe 0.0130 vs 0.0131; the same with time layers 0 and 2 24.51,
-    0.03, 0.0131 vs 0.0132; 3,000 steps `--no-ramp --ctx-frac 0.5` 24.43, 0.01, 0.0127 vs 0.0127;
-    `--no-ramp --ctx-frac 1 --start-frac 0` 24.45, 0.00, 0.0110 vs 0.0111; the preset 24.58, 0.02, 0.0128 vs 0.0129.
-    Neither switch makes the model use the actions at this budget, nor does a wider tokenizer bottleneck
-    (`tokenizer.py --latent-dim 32`: 24.72 dB, gap −0.07); the README has the details.
+    Eq 8 (w = 0.1 at τ = 0) and diffusion forcing's randomly noised history starve the next-frame-from-
+    noise task. At the cpu preset neither made the rollouts use the actions (shuffle gap ≤ 0.06 dB in
+    every variant, also with a 32-channel tokenizer bottleneck); the README ("How we got here") has the
+    table and the commands.
   - Rollout PSNR is averaged as the PSNR of the mean squared error per horizon (not in paper; see
     evaluate_rollouts): the mean of per-frame PSNRs rates exact copies of unchanged frames at 100 dB,
     which lifted the pixel copy baseline from 24.2 to 27.8 dB at the cpu preset.
@@ -581,13 +575,12 @@ def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, dev
         # What a perfect world model would score: the environment itself, replayed to the last context
         # frame and stepped with the true or the shuffled actions, with fresh draws for what nobody
         # controls (one sample, like a rollout). Built-in datasets only (data.simulate_future).
-        sim = {name: [data.simulate_future(held.data_root, i, s + Tc - 1, acts[Tc - 1:Tc - 1 + H].cpu().numpy(),
-                                           rng_seed=(a.seed, j), meta=held.meta)
-                      for j, (i, s, acts) in enumerate(zip(batch["episode_ids"], batch["episode_starts"], acts_all))]
-               for name, acts_all in (("simulator", actions), ("simulator_shuffled", shuffled))}
-        if all(x is not None for x in sim["simulator"] + sim["simulator_shuffled"]):
-            for name, frames in sim.items():
-                score(name, torch.from_numpy(np.stack(frames)).to(device).float() / 255)  # (B, H, H_px, W_px, 3)
+        sim = [data.simulate_future(held.data_root, i, s + Tc - 1, [p[Tc - 1:Tc - 1 + H].cpu().numpy() for p in plans],
+                                    rng_seed=(a.seed, j), meta=held.meta)  # [true, shuffled] per window, or None
+               for j, (i, s, *plans) in enumerate(zip(batch["episode_ids"], batch["episode_starts"], actions, shuffled))]
+        if all(x is not None for x in sim):
+            for n, name in enumerate(("simulator", "simulator_shuffled")):
+                score(name, torch.from_numpy(np.stack([x[n] for x in sim])).to(device).float() / 255)  # (B, H, H_px, W_px, 3)
             out["action_shuffle_gap_simulator_db"] = out["psnr_simulator"] - out["psnr_simulator_shuffled"]
         out["action_shuffle_gap_db"] = out[f"psnr_k{a.sample_k}"] - out["psnr_shuffled"]
     out["_pictures"] = (true, torch.cat([recon[:, :Tc], pix[a.sample_k]], 1))  # for the figures only
@@ -607,8 +600,7 @@ def loss_by_tau_d(model: DynamicsModel, held: LatentCache, a: Args, device, repe
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, 0.0, gen, a.k_min, a.flow_frac)
         f = lambda z, tau, d, rows=None: model(z, tau, d, *row_select(fb, rows)).float()  # noqa: E731
         with common.autocast(device):
-            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip,
-                                          a.ramp)
+            terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"], a.k_max, a.boot_clip)
         taus.append(fb["tau"].flatten()), ds.append(fb["d"].flatten()), losses.append(terms["per_frame"].flatten())
     tau, d, loss = torch.cat(taus).cpu(), torch.cat(ds).cpu(), torch.cat(losses).float().cpu()
     by_d = {f"1/{round(1 / float(v))}": float(loss[d == v].mean()) for v in sorted(d.unique().tolist(), reverse=True)}

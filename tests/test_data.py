@@ -269,21 +269,20 @@ def test_simulate_future_replays_an_episode_and_refuses_other_data(smoke, tmp_pa
     meta, eid, t, H = data.load_meta(smoke), "ep000001", 10, 12
     stored = data.load_frames(os.path.join(smoke, eid + ".npz"))  # (T, 32, 32, 3)
     recorded = np.load(os.path.join(smoke, eid + ".npz"))["actions"]
-    same = data.simulate_future(smoke, eid, t, recorded[t:t + H])
+    same, fresh, other = data.simulate_future(smoke, eid, t, [recorded[t:t + H]] * 2 + [recorded[t:t + H].copy()])
     assert same.shape == (H, 32, 32, 3) and np.array_equal(same, stored[t + 1:t + 1 + H])
-    fresh = data.simulate_future(smoke, eid, t, recorded[t:t + H], rng_seed=123)  # other creature draws
-    assert fresh.shape == same.shape
-    other = recorded[t:t + H].copy()
-    other[:, 0] = other[:, 0] % 4 + 1  # a move every step, never the recorded move class
-    assert not np.array_equal(data.simulate_future(smoke, eid, t, other), same)
+    assert np.array_equal(fresh, same)  # each plan starts from the same replayed state
+    moved = recorded[t:t + H].copy()
+    moved[:, 0] = moved[:, 0] % 4 + 1  # a move every step, never the recorded move class
+    mine, theirs = data.simulate_future(smoke, eid, t, [moved, recorded[t:t + H]], rng_seed=123)  # fresh draws
+    assert not np.array_equal(mine, theirs) and theirs.shape == same.shape
     root = copy_of(smoke, tmp_path)
     frames = stored.copy()
     frames[t] = 255 - frames[t]  # a frame the rules do not produce
     data.write_episode(root, eid, frames, recorded, np.load(os.path.join(root, eid + ".npz"))["rewards"])
-    assert data.simulate_future(root, eid, t, recorded[t:t + H]) is None
-    assert data.world_seed({**meta, "generator": "someone else"}, eid) is None
-    assert data.world_seed(meta, "clip_7") is None
-
+    assert data.simulate_future(root, eid, t, [recorded[t:t + H]]) is None
+    assert data.simulate_future(smoke, eid, t, [recorded[t:t + H]], meta={**meta, "generator": "someone else"}) is None
+    assert data.simulate_future(smoke, "clip_7", t, [recorded[t:t + H]]) is None  # not an id `generate` writes
 
 # ---------------------------------------------------------------- players in the real environment
 
