@@ -89,15 +89,18 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
     over time only (the paper says RoPE, not over what).
   - One action token per step (S_a = 1): per-component embeddings summed with the base embedding.
   - Which layer of each group of four attends over time (§3.4 says "every 4 layers", not which): the
-    last (`--time-layer -1`). With 4 layers that is one time layer, at the end. Measured at the cpu
-    preset, 3,000 steps, 1,000-episode data, 32 held-out windows: last 24.40 dB, first
-    (`--time-layer 0`) 24.42, layers 0 and 2 (`--time-every 2 --time-layer 0`) 24.51; the
-    action-shuffle gap stayed at 0.00–0.01 dB in all three.
+    first (`--time-layer 0`), so each group reads the history first and its space layers then move
+    what it read within the frame, next to the action token. With the time layer last (`-1`, our
+    earlier default) the cpu preset's 4 layers have one time layer at the very end, after which no
+    space layer can move anything. Measured at the cpu preset (6,000 steps, tile-sized tokenizer
+    patches, 32 held-out windows): first 24.55 dB, action-shuffle gap 0.59 dB; last 24.47 dB, gap
+    0.18 dB. (With the earlier 8-pixel patches it made no difference: 24.42 vs 24.40 dB at 3,000
+    steps, gaps ≤ 0.01 dB.) The default preset (8 layers: time at 0 and 4) is not measured.
   - Two experiment switches, off by default (the paper's recipe): `--no-ramp` replaces Eq 8 by w = 1, and
     `--ctx-frac p` trains that share of the sequence rows in the sampling setting (every frame but the
     last at τ_ctx with d = d_min, the last frame from Eq 4; start-frame rows never). They test whether
     Eq 8 (w = 0.1 at τ = 0) and diffusion forcing's randomly noised history starve the next-frame-from-
-    noise task. At the cpu preset neither made the rollouts use the actions (shuffle gap ≤ 0.06 dB in
+    noise task. At the cpu preset with the earlier 8-pixel tokenizer patches neither made the rollouts use the actions (shuffle gap ≤ 0.06 dB in
     every variant, also with a 32-channel tokenizer bottleneck); the README ("How we got here") has the
     table and the commands.
   - Rollout PSNR is averaged as the PSNR of the mean squared error per horizon (not in paper; see
@@ -132,7 +135,7 @@ class Args:
     dim: int = 384  # model width D (not in paper)
     depth: int = 8  # transformer layers (not in paper)
     time_every: int = 4  # every n-th layer attends over time (§3.4: 4; every 2nd did not help at the cpu preset)
-    time_layer: int = -1  # which layer of each group of time_every attends over time: -1 last, 0 first (not in paper)
+    time_layer: int = 0  # which layer of each group of time_every attends over time: 0 first, -1 last (not in paper; see docstring)
     heads: int = 8  # query heads (not in paper)
     kv_heads: int = 2  # key/value heads: GQA in every attention layer (§3.4; ratio not in paper)
     registers: int = 4  # S_r register tokens per frame (§3.4; count not in paper)
@@ -272,7 +275,7 @@ class DynamicsModel(nn.Module):
 
     def __init__(self, latent_tokens: int, latent_dim: int, action_classes: list[int], dim: int, depth: int,
                  heads: int, kv_heads: int, registers: int, context: int, mlp_ratio: float = 4.0,
-                 soft_cap: float = 50.0, k_max: int = 64, time_every: int = 4, time_layer: int = -1):
+                 soft_cap: float = 50.0, k_max: int = 64, time_every: int = 4, time_layer: int = 0):
         super().__init__()
         self.latent_tokens, self.latent_dim, self.k_max, self.window = latent_tokens, latent_dim, k_max, context
         self.action_classes = list(action_classes)
@@ -588,6 +591,38 @@ def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, dev
 
 
 @torch.no_grad()
+def action_probe(model: DynamicsModel, held: LatentCache, a: Args, device, T: int = 8) -> dict:
+    """Teacher-forced test of action use (PITFALLS.md 8), free of sampling noise: T − 1 held-out history
+    frames at τ_ctx, the last frame from pure noise (τ = 0, d = d_min), one pass = the regression mean
+    E[z_T | history, a_{T−1}]. Latent MSE with the true vs a shuffled last action, on the windows whose
+    shuffled action differs, beside copying the last history frame (not in paper)."""
+    held.rng = np.random.default_rng([a.seed, 997])
+    n = 8 * a.eval_seqs  # 256 windows at the cpu preset
+    batch = held.sample(n, T)
+    if batch["actions"] is None:
+        return {}
+    clean, acts = pack(batch["latents"].to(device)), batch["actions"].to(device)  # (B, T, N_z, C_z), (B, T, A)
+    shuffled = acts.clone()
+    shuffled[:, T - 2] = acts[torch.roll(torch.arange(n), 1), T - 2]  # a_{T−2} leads into the last frame
+    differs = (shuffled[:, T - 2] != acts[:, T - 2]).any(-1)  # (B,)
+    if not differs.any():
+        return {}
+    tau = torch.full((n, T), context_signal_level(a.ctx_tau, a.k_max), device=device)
+    tau[:, -1] = 0.0  # the frame to predict starts as pure noise
+    d = torch.full((n, T), 1.0 / a.k_max, device=device)
+    noise = torch.randn(clean.shape, generator=torch.Generator(device).manual_seed(a.seed + 997), device=device)
+    z_tilde = corrupt(noise, clean, tau)  # Eq 6, τ = 1 clean
+    out = {}
+    for name, ac in (("true", acts), ("shuffled", shuffled)):
+        with common.autocast(device):
+            z1_hat = model(z_tilde, tau, d, *shift_actions(ac)).float()[:, -1]  # (B, N_z, C_z)
+        out[f"probe_mse_{name}"] = float((z1_hat - clean[:, -1]).pow(2).mean((-2, -1))[differs].mean())
+    out["probe_mse_copy"] = float((clean[:, -2] - clean[:, -1]).pow(2).mean((-2, -1))[differs].mean())
+    out["probe_action_cost"] = out["probe_mse_shuffled"] / out["probe_mse_true"] - 1  # 0 = actions ignored
+    return out
+
+
+@torch.no_grad()
 def loss_by_tau_d(model: DynamicsModel, held: LatentCache, a: Args, device, repeats: int = 4) -> dict:
     """Unweighted Eq 7 per-frame loss on held-out data, grouped by d and by τ (8 bins), drawn as in training
     (Eq 4 with the run's --flow-frac and --k-min)."""
@@ -856,16 +891,19 @@ def train(a: Args) -> dict:
         t0 = time.time()
         ev = evaluate_rollouts(model, tok, held, a, device)
         probe = loss_by_tau_d(model, held, a, device)
+        act_probe = action_probe(model, held, a, device)
         save_pictures(ev, probe, a.eval_context, a.out, a)
         n_act = 0 if train_data.actions is None else len(action_classes)
         summary.update({k: v for k, v in ev.items() if not k.startswith("_")}, **probe,
-                       **generation_speed(model, device, a.sample_k, a.ctx_tau, a.fps_frames, n_act))
+                       **act_probe, **generation_speed(model, device, a.sample_k, a.ctx_tau, a.fps_frames, n_act))
         summary["eval_s"] = time.time() - t0
         print(f"eval: rollout PSNR K={a.sample_k} {summary[f'psnr_k{a.sample_k}']:.2f} dB | K={a.k_max} "
               f"{summary[f'psnr_k{a.k_max}']:.2f} dB | repeat-last {summary['psnr_repeat_last']:.2f} dB "
               f"(decoded {summary['psnr_repeat_last_decoded']:.2f}, tokenizer ceiling "
               f"{summary['psnr_tokenizer_ceiling']:.2f}) | "
-              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | the environment itself "
+              f"shuffle gap {summary.get('action_shuffle_gap_db', float('nan')):.2f} dB | one-step probe "
+              f"{summary.get('probe_mse_true', float('nan')):.4f} vs shuffled {summary.get('probe_mse_shuffled', float('nan')):.4f} "
+              f"(copy {summary.get('probe_mse_copy', float('nan')):.4f}) | the environment itself "
               f"{summary.get('psnr_simulator', float('nan')):.2f} dB, shuffle gap "
               f"{summary.get('action_shuffle_gap_simulator_db', float('nan')):.2f} dB | latent MSE K={a.sample_k} "
               f"{summary[f'latent_mse_k{a.sample_k}']:.4f} vs repeat-last {summary['latent_mse_repeat_last']:.4f} | "

@@ -425,7 +425,8 @@ def test_smoke_run_writes_summary_pictures_and_resumes_exactly(smoke_tokenizer):
     s = json.load(open(os.path.join(full, "summary.json")))
     for key in ("stage", "preset", "device", "steps", "wall_s", "steps_per_s", "frames_per_s", "peak_mem_gb",
                 "psnr_k4", "psnr_k64", "psnr_repeat_last", "action_shuffle_gap_db", "gen_fps",
-                "cache_speedup_ctx32", "psnr_k4_per_horizon", "loss_by_d"):
+                "cache_speedup_ctx32", "psnr_k4_per_horizon", "loss_by_d", "probe_mse_true", "probe_mse_shuffled",
+                "probe_mse_copy", "probe_action_cost"):
         assert key in s, key
     assert s["stage"] == "dynamics" and s["steps"] == 6 and len(s["psnr_k4_per_horizon"]) == 3
     # Rollout figures: PSNR of the mean squared error per horizon (tokenizer.psnr_of_mean_mse), averaged
@@ -481,3 +482,23 @@ def test_missing_tokenizer_names_the_command(tmp_path):
     r = subprocess.run([sys.executable, "dynamics.py", "--preset", "smoke", "--tokenizer", str(tmp_path / "no.pt"),
                         "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "python tokenizer.py" in r.stderr
+
+
+def test_action_probe_is_zero_for_a_model_blind_to_actions(smoke_tokenizer):
+    """The teacher-forced action probe: identical errors when the action embeddings are zero (the model
+    cannot see the action), different ones when they are not; copying is scored on the same windows."""
+    from tokenizer import LatentCache
+    _, tok = smoke_tokenizer
+    held = LatentCache(os.path.dirname(tok), "heldout")
+    a = dy.Args(**{**dy.PRESETS["smoke"], "eval_seqs": 8})
+    latent = [held.latents.shape[1] // 2, 2 * held.latents.shape[2]]
+    model = dy.build_model(vars(a), *latent, [n for _, n in held.meta["action_components"]]).eval()
+    for emb in model.action_embed:
+        nn.init.zeros_(emb.weight)
+    blind = dy.action_probe(model, held, a, torch.device("cpu"))
+    assert blind["probe_action_cost"] == 0 and blind["probe_mse_true"] == blind["probe_mse_shuffled"]
+    for emb in model.action_embed:
+        nn.init.normal_(emb.weight, std=1.0)
+    seeing = dy.action_probe(model, held, a, torch.device("cpu"))
+    assert seeing["probe_mse_true"] != seeing["probe_mse_shuffled"]
+    assert seeing["probe_mse_copy"] == blind["probe_mse_copy"] > 0  # same windows, copy does not use the model
