@@ -38,44 +38,34 @@ Equation map:
 Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
   - K_max = 64 (not stated in the paper; its K = 64 baseline suggests it).
   - `--k-min` (default 1 = every step size of Eq 4): `--k-min 4` trains d ∈ {1/4, …, 1/64} only, the
-    steps K = 4 sampling needs. With the literal 1-in-7 share of flow frames, adding d = ½ and 1
-    derailed our small model (the flow-level prediction went from MSE 0.05 to 0.6–0.9 within ~100
-    steps: nearly every frame at τ = 0 and ½ was a bootstrap frame, anchored to nothing); with
-    `--flow-frac 0.75` it trains as well with them as without (rollout PSNR 23.5 vs 23.6 dB).
+    steps K = 4 sampling needs (with the literal 1-in-7 share of flow frames, d = ½ and 1 derailed
+    our small model; with `--flow-frac 0.75` they train fine: README "How we got here").
   - Share of flow frames (`--flow-frac 0.75`, not in the paper): the literal Eq 4 (`--flow-frac 0`)
     puts d = d_min, the only step whose target is the data, on 1 frame in 7; every other frame
     learns only self-consistency with the network's own half steps. We make 75 % of the sequences
     flow rows (every frame d = d_min) and draw the other step sizes per frame in the rest, the split
     of the shortcut-models paper (Frans et al. 2024: ¾ of the batch rows flow targets, ¼
-    self-consistency) and of edwhu/dreamer4-jax. Measured at the cpu preset, same seed, on the
-    earlier 200-episode dataset: 3,000 steps with d ∈ {1/4 … 1/64} uniform (1 in 5 flow frames) →
-    held-out rollout PSNR 21.97 dB, latent MSE 0.053; flow frames only → 23.64 dB, 0.034; 6,000
-    steps uniform → 22.90 dB, 0.043; 6,000 steps with 75 % flow frames → 23.62 dB, 0.035. At our
-    budgets the data term is what limits the model.
-  - Flow and bootstrap by rows, not by frames (with `--flow-frac`): the two half-step passes of Eq 7
-    need the whole sequence (time attention), so a row with one bootstrap frame costs two extra
-    forward passes. Splitting by rows runs them on ¼ of the batch: 6,000 cpu-preset steps take 549
-    instead of 776 s (×1.4) with the same share of flow frames and the same rollout PSNR. Per-frame τ (diffusion forcing) is
-    unchanged, and the bootstrap rows keep a per-frame d.
-  - Weight EMA (`--ema 0.999`, not in the paper, which does not mention one): sampling, evaluation
-    and the later stages use an exponential moving average of the weights (ema_update); the
-    bootstrap targets still come from the online weights, as Eq 7 writes f_θ.
+    self-consistency) and of edwhu/dreamer4-jax. At our budgets the data term is what limits the
+    model (cpu preset, 3,000 steps: 21.97 dB rollout PSNR with 1 in 5 flow frames, 23.64 with flow
+    frames only; the README has the table).
+  - Flow and bootstrap by rows, not by frames (with `--flow-frac`): a row with one bootstrap frame
+    costs the two half-step passes of Eq 7 over the whole sequence, so they run only on the ¼ of rows
+    that are bootstrap rows (×1.4 faster, same rollout PSNR); τ stays per frame, d per frame in a row.
+  - Weight EMA (`--ema 0.999`, not in the paper): sampling, evaluation and the later stages use an EMA
+    of the weights (ema_update); the bootstrap targets come from the online weights, as Eq 7 writes f_θ.
   - τ is drawn per frame (diffusion forcing), and so is d within a bootstrap row (with `--flow-frac
     0`, the literal Eq 4, for every frame). The paper does not say whether d is per frame or per
     sequence.
   - Eq 4 typo fixed: τ ∈ {0, d, …, 1 − d} (the paper prints 1/d; PAPER.md §9).
   - The ramp weight multiplies both the flow and the bootstrap term (the paper does not say which).
-  - Bootstrap targets come from the online weights under no_grad (the paper writes f_θ; no EMA).
   - The two half-step passes move every bootstrap frame of the sequence in parallel, each with its
     own τ_t (PAPER.md §4.4). Flow frames (d = d_min) are not moved in those passes: d_min/2 is not
     on the grid; they stay at (z̃_t, τ_t, d_min) as context.
   - Safeguard (not in the paper): the two half-step x-predictions that build the bootstrap target
     are clamped to the latent range [−1, 1] (the tokenizer's tanh bottleneck; `--boot-clip`). The
     ideal denoiser E[z₁ | z̃] always lies in that range, so the clamp never changes its target; it
-    stops a runaway we saw with online-weight targets (an expansive f makes the target f(z′) larger
-    than f(z̃), which the shared weights then chase). The shortcut-models code clips its bootstrap
-    state to [−4, 4] and uses EMA targets, for the same reason. (Seen with a plain MLP on a 1-D
-    two-mode toy; tests/test_dynamics.py trains that toy with the clamp.)
+    stops a runaway seen with online-weight targets on a 1-D two-mode toy (tests/test_dynamics.py),
+    where an expansive f makes the target f(z′) larger than f(z̃) and the shared weights chase it.
   - Loss: one running-RMS normaliser on the whole Eq 7 loss (common.RunningRMS). Squared norms are
     means over tokens and channels (a constant factor the normaliser removes).
   - Context frames at inference are corrupted to "signal level 0.9" (the paper's τ_ctx = 0.1 read as
@@ -90,19 +80,13 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
   - One action token per step (S_a = 1): per-component embeddings summed with the base embedding.
   - Which layer of each group of four attends over time (§3.4 says "every 4 layers", not which): the
     first (`--time-layer 0`), so each group reads the history first and its space layers then move
-    what it read within the frame, next to the action token. With the time layer last (`-1`, our
-    earlier default) the cpu preset's 4 layers have one time layer at the very end, after which no
-    space layer can move anything. Measured at the cpu preset (6,000 steps, tile-sized tokenizer
-    patches, 32 held-out windows): first 24.55 dB, action-shuffle gap 0.59 dB; last 24.47 dB, gap
-    0.18 dB. (With the earlier 8-pixel patches it made no difference: 24.42 vs 24.40 dB at 3,000
-    steps, gaps ≤ 0.01 dB.) The default preset (8 layers: time at 0 and 4) is not measured.
-  - Two experiment switches, off by default (the paper's recipe): `--no-ramp` replaces Eq 8 by w = 1, and
-    `--ctx-frac p` trains that share of the sequence rows in the sampling setting (every frame but the
-    last at τ_ctx with d = d_min, the last frame from Eq 4; start-frame rows never). They test whether
-    Eq 8 (w = 0.1 at τ = 0) and diffusion forcing's randomly noised history starve the next-frame-from-
-    noise task. At the cpu preset with the earlier 8-pixel tokenizer patches neither made the rollouts use the actions (shuffle gap ≤ 0.06 dB in
-    every variant, also with a 32-channel tokenizer bottleneck); the README ("How we got here") has the
-    table and the commands.
+    what it read within the frame, next to the action token; last (`-1`, our earlier default) leaves
+    the cpu preset's 4 layers no space layer after their only time layer. At the cpu preset (6,000
+    steps, tile-sized patches): action-shuffle gap 0.59 dB first vs 0.18 dB last (no difference with
+    the earlier 8-pixel patches). The default preset (time layers 0 and 4) is not measured.
+  - Two experiment switches, off by default: `--no-ramp` (w = 1 instead of Eq 8) and `--ctx-frac p` (that
+    share of rows in the sampling setting: history at τ_ctx, the last frame from Eq 4). Neither made the
+    earlier cpu model use the actions (README "How we got here").
   - Rollout PSNR is averaged as the PSNR of the mean squared error per horizon (not in paper; see
     evaluate_rollouts): the mean of per-frame PSNRs rates exact copies of unchanged frames at 100 dB,
     which lifted the pixel copy baseline from 24.2 to 27.8 dB at the cpu preset.
@@ -592,10 +576,9 @@ def evaluate_rollouts(model: DynamicsModel, tok, held: LatentCache, a: Args, dev
 
 @torch.no_grad()
 def action_probe(model: DynamicsModel, held: LatentCache, a: Args, device, T: int = 8) -> dict:
-    """Teacher-forced test of action use (PITFALLS.md 8), free of sampling noise: T − 1 held-out history
-    frames at τ_ctx, the last frame from pure noise (τ = 0, d = d_min), one pass = the regression mean
-    E[z_T | history, a_{T−1}]. Latent MSE with the true vs a shuffled last action, on the windows whose
-    shuffled action differs, beside copying the last history frame (not in paper)."""
+    """Action use without sampling noise (PITFALLS.md 8; not in paper): T − 1 held-out history frames at
+    τ_ctx, the last from pure noise in one pass (τ = 0, d = d_min: the regression mean). Latent MSE with
+    the true vs a shuffled last action where they differ, beside copying the last history frame."""
     held.rng = np.random.default_rng([a.seed, 997])
     n = 8 * a.eval_seqs  # 256 windows at the cpu preset
     batch = held.sample(n, T)
@@ -605,10 +588,10 @@ def action_probe(model: DynamicsModel, held: LatentCache, a: Args, device, T: in
     shuffled = acts.clone()
     shuffled[:, T - 2] = acts[torch.roll(torch.arange(n), 1), T - 2]  # a_{T−2} leads into the last frame
     differs = (shuffled[:, T - 2] != acts[:, T - 2]).any(-1)  # (B,)
-    if not differs.any():
+    if not differs.any():  # (tiny held-out splits)
         return {}
-    tau = torch.full((n, T), context_signal_level(a.ctx_tau, a.k_max), device=device)
-    tau[:, -1] = 0.0  # the frame to predict starts as pure noise
+    tau = torch.full((n, T), context_signal_level(a.ctx_tau, a.k_max), device=device)  # history at τ_ctx ...
+    tau[:, -1] = 0.0  # ... and the frame to predict from pure noise
     d = torch.full((n, T), 1.0 / a.k_max, device=device)
     noise = torch.randn(clean.shape, generator=torch.Generator(device).manual_seed(a.seed + 997), device=device)
     z_tilde = corrupt(noise, clean, tau)  # Eq 6, τ = 1 clean

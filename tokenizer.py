@@ -15,7 +15,7 @@ Writes: runs/tokenizer/  ckpt.pt, args.json, metrics.jsonl, summary.json, recon.
 
 Run:
     python tokenizer.py                    # default preset: 64×64 frames, one GPU
-    python tokenizer.py --preset cpu       # 32×32 frames, 2 CPU cores, ≤ 15 min
+    python tokenizer.py --preset cpu       # 32×32 frames, 2 CPU cores, ≈ 16 min (README)
     python tokenizer.py --preset smoke     # seconds; used by the tests
     python tokenizer.py --encode           # only (re)build the latent cache from ckpt.pt
     python tokenizer.py --encode --encode-data data/NAME   # encode another dataset of the same frame size
