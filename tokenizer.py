@@ -499,7 +499,7 @@ def encode_episode(model: Tokenizer, frames: np.ndarray, device, chunk: int = 64
     The episode goes through in chunks with the time-attention KV cache, which gives exactly the
     single-pass result (tested in test_common.py); the window C_tok bounds how far back a frame
     looks, so the result also equals encoding any training-length window that ends at that frame.
-    Chunks of 64 frames encode twice as fast as one 256-frame pass on CPU (the masked time
+    Chunks of 64 frames encode up to twice as fast as one 256-frame pass on CPU (the masked time
     attention is quadratic in the chunk length although only C_tok frames are visible).
     """
     cache = common.KVCache(model.encoder.window)
