@@ -82,7 +82,7 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
     first (`--time-layer 0`), so each group reads the history first and its space layers then move
     what it read within the frame, next to the action token; last (`-1`, our earlier default) leaves
     the cpu preset's 4 layers no space layer after their only time layer. At the cpu preset (6,000
-    steps, tile-sized patches): action-shuffle gap 0.59 dB first vs 0.18 dB last (no difference with
+    steps, tile-sized patches): action-shuffle gap 0.59–0.60 dB first (two runs) vs 0.18 dB last (none with
     the earlier 8-pixel patches). The default preset (time layers 0 and 4) is not measured.
   - Two experiment switches, off by default: `--no-ramp` (w = 1 instead of Eq 8) and `--ctx-frac p` (that
     share of rows in the sampling setting: history at τ_ctx, the last frame from Eq 4). Neither made the
