@@ -53,7 +53,8 @@ Deviations and ambiguities (PAPER.md §2, §12):
     before: 2×2 tiles in 8 numbers, so a dynamics token packed 8 tiles into 16 channels and moving the agent
     one tile meant re-encoding a dense code. Measured at the cpu preset (same data, seed, dynamics preset):
     held-out PSNR 33.9 → 45.1 dB (5,000 instead of 8,000 steps), and the world model started to use the
-    actions (README "How we got here"). Twice the tokens per frame cost 2× per tokenizer step.
+    actions (README "How we got here"). Three times the tokens per frame (96 vs 32) cost 2× per
+    training step and 2.2× in the latent cache (the cpu stage now takes ≈ 16 min).
   - Optimiser: AdamW with linear warm-up and cosine decay, gradient clipping. The paper gives no
     optimiser, learning rate or schedule (PAPER.md §8).
   - Pixels are predicted directly by a linear head (no sigmoid) and clamped to [0, 1] only for
