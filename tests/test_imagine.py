@@ -419,6 +419,25 @@ def test_smoke_pipeline_summary_pictures_table_and_exact_resume(smoke_agent):
     assert t["Dreamer 4"]["collect_wood"]["mean"] == pytest.approx(100 * wood)
 
 
+def test_the_gpu_mixed_precision_path_trains_and_evaluates_every_stage(smoke_agent, monkeypatch):
+    """On a GPU every stage runs under bf16 autocast (common.autocast); CI has no GPU. Forcing the same
+    autocast on the CPU runs that code path: dynamics training and its cached rollouts, agent finetuning
+    with the real-environment evaluation, imagination rollouts and PMPO — no dtype clash, finite figures."""
+    tmp, agent, scratch = smoke_agent
+    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    dyn, ag_out, im_out = (str(tmp / n) for n in ("bf16_dyn", "bf16_agent", "bf16_im"))
+    d = dy.train(common.parse_args(dy.Args, dy.PRESETS, ["--preset", "smoke", "--out", dyn, "--eval-seqs", "2",
+                                                         "--tokenizer", str(tmp / "tok" / "ckpt.pt")]))
+    assert math.isfinite(d["psnr_k4"]) and math.isfinite(d["probe_mse_true"]) and d["gen_fps"] > 0
+    a = ag.train(common.parse_args(ag.Args, ag.PRESETS, ["--preset", "smoke", "--out", ag_out, "--no-baselines",
+                                                         "--dynamics", os.path.join(dyn, "ckpt.pt")]))
+    assert math.isfinite(a["heldout_bc_nll"]) and 0 <= a["reward_auc"] <= 1
+    i = im.train(imagine_args("--agent", os.path.join(ag_out, "ckpt.pt"), "--out", im_out, "--compare", scratch))
+    assert 0 <= i["success"]["Dreamer 4"]["collect_wood"]["rate"] <= 1
+    last = [json.loads(line) for line in open(os.path.join(im_out, "metrics.jsonl"))][-1]
+    assert all(math.isfinite(last[k]) for k in ("pmpo", "value", "kl", "return"))
+
+
 def test_missing_agent_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="python agent.py"):
         im.train(imagine_args("--agent", str(tmp_path / "no.pt"), "--out", str(tmp_path / "o")))
