@@ -6,11 +6,11 @@ it in the format every later stage reads (DESIGN.md §3), loads it back for trai
 the real environment.
 
 Reads nothing (or image folders: --from-frames). Writes data/<name>/: one .npz per episode, meta.json,
-episodes.png (a picture grid, copied to assets/environment.png by the default run) and episode.gif.
+episodes.png (copied to assets/environment.png by the default run), episode.gif.
 
 Run:
     python data.py                  # data/diamond64: 64×64, 1,000 episodes × 256 frames (≈ 2 min, 55 MB)
-    python data.py --preset cpu     # data/diamond32: 32×32, 1,000 episodes × 256 frames (≈ 40 s, 15 MB)
+    python data.py --preset cpu     # data/diamond32: 32×32, 1,000 episodes × 256 frames (40–90 s, 15 MB)
     python data.py --preset smoke   # data/smoke: 32×32, 8 episodes × 64 frames (tests)
     python data.py --bench          # environment frames/s on one core
     python data.py --eval-random    # success per task of random, contractor and expert players
@@ -29,32 +29,28 @@ Data contract (DESIGN.md §3; written out here once, every stage refers to it)
                                      last row is chosen but never executed (the episode ends on T−1).
       rewards  float32 (T, n_tasks)  row t = the reward received on ENTERING frame t; row 0 is 0.
           frame_0 --a_0--> frame_1, r_1 --a_1--> frame_2, r_2 --a_2--> …
-    So the dynamics token of step t carries a_{t−1} (a learned "no action" embedding at t = 0 and for unlabeled
-    clips): h_t has seen a_{t−1} and z_t; the policy head at h_t predicts a_t and the reward head predicts r_t
-    (DreamerV3 indexing; tests/test_data.py pins this on a hand-made episode). Every action component is
-    categorical (a button is a 2-class categorical).
+    So the dynamics token of step t carries a_{t−1} ("no action" at t = 0 and for unlabeled clips): h_t has seen
+    a_{t−1} and z_t; the policy head at h_t predicts a_t, the reward head r_t (DreamerV3 indexing; pinned in
+    tests/test_data.py). Every action component is categorical (a button has 2 classes).
     meta.json: image_size (H = W), fps, action_components [[name, classes], …], tasks [names],
     episodes, frames, split {"train": [ids], "heldout": [ids]} (by episode, never by frame), seed.
 
-The environment and its players (DESIGN.md §4; rules in Env.step and the README, which also has the
-measured success rates): TASKS are the rows of Table 7, a task pays 1 on the step its milestone is first
-reached; contractors reach wood 99 % … diamond 4 % of the episodes, a random policy never mines stone.
+The environment and its players (DESIGN.md §4; rules in Env.step and the README): TASKS are the rows of
+Table 7, each paying 1 on the step its milestone is first reached; contractors reach wood 99 % … diamond 4 %.
 
 Deviations and ambiguities
   - 8 tasks, not the paper's 12 milestones: planks, stick, furnace and iron ingot are folded into the recipes;
     crafting is one button instead of the crafting GUI.
-  - Mining by holding `use` (3/4/5/6 presses for tree/stone/iron/diamond) is Minecraft's rule, kept because
-    without it a random policy (each button half of the time) climbs the whole ladder.
+  - Mining by holding `use` (3/4/5/6 presses for tree/stone/iron/diamond), Minecraft's rule: without it a random
+    policy climbs the whole ladder.
   - Fixed episode length, 256 frames (60 min in the paper): an expert needs ≈ 75 steps, a diligent contractor
     that dawdles still gets to the top, a sloppy one stalls midway. Lockstep evaluation stays simple; the
     continuation c_t is 1 everywhere. fps is nominal (10; the paper's is 20).
-  - Storage: the compressed .npz files (tile frames shrink ≈ 60×) are the source of truth, but inflating a
-    whole episode per window costs ≈ 5 ms at 64×64, so the loader decodes each episode once into
-    <root>/.decoded/<id>.npy and memory-maps it (≈ 3 GB on disk for diamond64, 0.8 GB for diamond32).
-  - 1,000 episodes per built-in dataset (not in paper): every episode is a new random world, and with the
-    earlier 200 the cpu-preset world model learned the training worlds by heart — its held-out loss rose
-    from 6,000 to 18,000 steps while the training loss kept falling (0.036 → 0.030 train, 0.039 → 0.043
-    held-out) — and 5× the worlds gave +0.6 dB held-out rollout PSNR at the same 6,000 steps.
+  - Storage: the compressed .npz files (≈ 60× smaller) are the source of truth; the loader decodes each episode
+    once into <root>/.decoded/<id>.npy and memory-maps it (≈ 3 GB for diamond64, 0.8 GB for diamond32).
+  - 1,000 episodes per built-in dataset (not in paper), one random world each: with 200, the cpu world model
+    learned its training worlds by heart (held-out loss 0.039 → 0.043 from 6,000 to 18,000 steps while the
+    training loss fell); 5× the worlds gave +0.6 dB held-out rollout PSNR at 6,000 steps.
   - A bring-your-own folder without meta.json gets one inferred and written (names a0…, task0…; classes =
     largest action + 1; the last 10 % of sorted ids held out), so the split never changes between stages.
 """
@@ -333,9 +329,6 @@ class RandomPolicy:
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
 
-    def reset(self, n_envs: int) -> None:
-        pass
-
     def act(self, frames: np.ndarray) -> np.ndarray:
         return np.stack([self.rng.integers(n, size=len(frames)) for _, n in ACTION_COMPONENTS], 1)  # (B, A)
 
@@ -438,7 +431,7 @@ def episode_seed(seed: int, stream: str, i: int) -> int:
 
 def rollout(policy, seeds: list[int], image_size: int = 64, episode_len: int = 256, keep_frames: bool = True) -> dict:
     """Play B = len(seeds) episodes in lockstep, recorded in the data contract's indexing. policy: an object with
-    reset(n_envs) and act(frames (B, H, W, 3) uint8) -> (B, A) int64, or a plain callable frames -> actions.
+    act(frames (B, H, W, 3) uint8) -> (B, A) int64 (and optionally reset(n_envs)), or a callable frames -> actions.
     Returns frames (B, T, H, W, 3) (None unless keep_frames), actions (B, T, A), rewards (B, T, n_tasks)."""
     B, T, A = len(seeds), episode_len, len(ACTION_COMPONENTS)
     envs = [Env(image_size, episode_len) for _ in seeds]

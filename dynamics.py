@@ -79,14 +79,11 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
     over time only (the paper says RoPE, not over what).
   - One action token per step (S_a = 1): per-component embeddings summed with the base embedding.
   - Which layer of each group of four attends over time (§3.4 says "every 4 layers", not which): the
-    first (`--time-layer 0`), so each group reads the history first and its space layers then move
-    what it read within the frame, next to the action token; last (`-1`, our earlier default) leaves
-    the cpu preset's 4 layers no space layer after their only time layer. At the cpu preset (6,000
-    steps, tile-sized patches): action-shuffle gap 0.59–0.60 dB first (two runs) vs 0.18 dB last (none with
-    the earlier 8-pixel patches). The default preset (time layers 0 and 4) is not measured.
-  - Two experiment switches, off by default: `--no-ramp` (w = 1 instead of Eq 8) and `--ctx-frac p` (that
-    share of rows in the sampling setting: history at τ_ctx, the last frame from Eq 4). Neither made the
-    earlier cpu model use the actions (README "How we got here").
+    first (`--time-layer 0`), so the space layers after it can move what it read within the frame; the
+    last (`-1`) leaves the cpu preset's 4 layers no space layer after their only time layer. Cpu preset:
+    action-shuffle gap 0.59–0.60 dB first (two runs) vs 0.18 dB last; the default preset is not measured.
+  - Experiment switches, off by default: `--no-ramp` (w = 1, not Eq 8), `--ctx-frac p` (that share of rows
+    with the history at τ_ctx, the last frame from Eq 4); README "How we got here".
   - Rollout PSNR is averaged as the PSNR of the mean squared error per horizon (not in paper; see
     evaluate_rollouts): the mean of per-frame PSNRs rates exact copies of unchanged frames at 100 dB,
     which lifted the pixel copy baseline from 24.2 to 27.8 dB at the cpu preset.
