@@ -182,7 +182,7 @@ def test_lpips_path_with_random_backbone():
     norms = {"mse": common.RunningRMS(), "lpips": common.RunningRMS()}
     out = tk.tokenizer_loss(recon, target, fn, norms, lpips_weight=0.2)
     assert float(out["lpips"]) > 0
-    assert float(out["loss"]) == pytest.approx(1.0 + 0.2 * 1.0, rel=1e-4)  # each term ÷ its own RMS
+    assert out["loss"].item() == pytest.approx(1.0 + 0.2 * 1.0, rel=1e-4)  # each term ÷ its own RMS
     out["loss"].backward()
     assert recon.grad is not None and recon.grad.abs().sum() > 0
     same = tk.tokenizer_loss(target, target, fn, {"mse": common.RunningRMS(), "lpips": common.RunningRMS()})
@@ -273,7 +273,7 @@ def test_smoke_run_writes_outputs_and_latent_cache(smoke_run):
     cache = tk.LatentCache(out, "heldout", seed=0)
     ep = cache.episodes[0]
     import data
-    frames = np.asarray(data.mapped_frames(data_dir, ep["id"]))
+    frames = np.array(data.mapped_frames(data_dir, ep["id"]))  # a writable copy of the memory map
     with torch.no_grad():
         direct = model.encode(torch.from_numpy(frames)[None])[0].numpy()
     np.testing.assert_allclose(cache.latents[ep["offset"]:ep["offset"] + ep["length"]], direct, atol=1e-5, rtol=1e-4)
