@@ -50,6 +50,13 @@ Deviations and ambiguities (each is also noted where it applies):
     windows are prompted with a uniformly drawn task.
   - BC targets stop at the event: under prompt k, the actions after task k is accomplished are no
     longer task-k behaviour (and the evaluation prompt moves on there). Not in the paper.
+  - `--relevant segment` (an experiment, off by default; not in the paper): the evaluator prompts task k
+    from the previous milestone on, but a relevant window trains BC on at most T − 1 frames before
+    the reward, and only 31–39 % of the contractor frames the ladder prompts a task on are that close
+    (data/diamond32, T = 16; place table: 69 % of the gaps from the first wood exceed 15 frames; the
+    paper's ladder rewards every log and plank, ours each milestone once). With `segment` a relevant
+    window is any window over the frames prompted k up to k's reward (the ladder read off the
+    rewards), and BC is masked to those frames. Fewer of those windows hold the reward itself.
   - The reward target r_0 of a window's first frame is masked: h_0 has not seen the transition into
     frame 0. MTP targets past the end of a window are masked, never padded.
   - Policy: a component with 2 classes is a Bernoulli (one logit l, written as the categorical with
@@ -101,6 +108,7 @@ class Args:
     bins: int = 255  # twohot bins at symexp(linspace(−20, 20)) (DreamerV3; not in paper)
     batch: int = 32  # sequences per batch, uniform + relevant (not in paper)
     relevant_frac: float = 0.5  # share of task-relevant sequences per batch (§3.3: 50 %)
+    relevant: str = "event"  # relevant windows: event (hold the task's reward, §3.3) | segment (the frames the ladder prompts the task on; not in paper)
     seq_len: int = 32  # T ≤ C frames per sequence (not in paper)
     start_frac: float = 0.3  # start-frame share of the video-loss rows (§3.4, as in stage 1b)
     steps: int = 5000  # optimiser steps (not in paper)
@@ -433,10 +441,14 @@ class MixtureSampler:
     latents (ΣT, N_b, D_b), actions (ΣT, A), rewards (ΣT, n_tasks): one split, episodes concatenated;
     episodes [{"offset", "length"}]. Uniform: any window, prompted with a uniformly drawn task.
     Relevant: a task uniformly among the tasks with events, one of its events, and a window that
-    holds it at position ≥ 1 (the action that caused it is inside). `rng` is the sampler's own.
+    holds it at position ≥ 1 (the action that caused it is inside). segment=True (`--relevant
+    segment`): a window over the frames before the event that the evaluator's ladder prompts with
+    the task (`prompt`: the first task not yet rewarded in the episode), BC on those frames only.
+    `rng` is the sampler's own.
     """
 
-    def __init__(self, latents, actions, rewards, episodes: list[dict], seq_len: int, seed: int = 0):
+    def __init__(self, latents, actions, rewards, episodes: list[dict], seq_len: int, seed: int = 0,
+                 segment: bool = False):
         assert actions is not None and rewards is not None, \
             "agent finetuning needs action and reward labels (DESIGN.md §3: bring-your-own data without them " \
             "trains the tokenizer and dynamics only)"
@@ -447,22 +459,34 @@ class MixtureSampler:
         self.starts = np.concatenate([np.arange(e["offset"], e["offset"] + e["length"] - seq_len + 1)
                                       for e in self.episodes])  # every valid window start
         self.events = {}  # task -> [(global frame of the event, lowest start, highest start)]
+        self.prompt = np.zeros(len(rewards), np.int64)  # the ladder's prompt at every frame (segment mode)
         for e in self.episodes:
             o, n = e["offset"], e["length"]
-            for t, k in zip(*np.nonzero(np.asarray(rewards[o:o + n]) > 0)):
-                lo, hi = max(o, o + t - seq_len + 1), min(o + n - seq_len, o + t - 1)
-                if lo <= hi:  # the event at position ≥ 1 of some window
+            r = np.asarray(rewards[o:o + n]) > 0  # (n, n_tasks)
+            level = np.maximum.accumulate(np.where(r.any(1), r.shape[1] - 1 - r[:, ::-1].argmax(1), -1))  # (n,)
+            self.prompt[o:o + n] = np.minimum(level + 1, self.n_tasks - 1)  # as ladder_prompt, from the rewards
+            for t, k in zip(*np.nonzero(r)):
+                first = t - seq_len + 1  # event mode: the event at position ≥ 1 of the window
+                if segment:  # the first frame prompted with task k before its event (none: skip)
+                    on = np.nonzero(self.prompt[o:o + t] == k)[0]
+                    if not len(on):
+                        continue
+                    first = int(on[0]) - seq_len + 1
+                lo, hi = max(o, o + first), min(o + n - seq_len, o + t - 1)
+                if lo <= hi:
                     self.events.setdefault(int(k), []).append((o + int(t), lo, hi))
+        self.segment = segment
         self.rng = np.random.default_rng(seed)
 
     @classmethod
-    def from_cache(cls, cache: LatentCache, seq_len: int, seed: int = 0) -> "MixtureSampler":
-        return cls(cache.latents, cache.actions, cache.rewards, cache.episodes, seq_len, seed)
+    def from_cache(cls, cache: LatentCache, seq_len: int, seed: int = 0, segment: bool = False) -> "MixtureSampler":
+        return cls(cache.latents, cache.actions, cache.rewards, cache.episodes, seq_len, seed, segment)
 
     def sample(self, n_uniform: int, n_relevant: int) -> dict:
         """Uniform rows first, then relevant rows. Returns CPU tensors: latents (B, T, N_b, D_b), actions
         (B, T, A), rewards (B, T, n_tasks), task (B,), relevant (B,) bool, event (B,) (position of the
-        prompted task's first reward in the window, −1 if none)."""
+        prompted task's first reward in the window, −1 if none), on_prompt (B, T) bool (frames BC may
+        train: all, or with segment=True those the ladder prompts with the row's task)."""
         if n_relevant and not self.events:
             raise ValueError("no reward events in this split: no task-relevant windows to sample")
         starts = list(self.rng.choice(self.starts, size=n_uniform))
@@ -481,7 +505,9 @@ class MixtureSampler:
                 "actions": torch.from_numpy(np.asarray(self.actions[idx], dtype=np.int64)),
                 "rewards": torch.from_numpy(rew), "task": torch.from_numpy(task),
                 "relevant": torch.arange(len(task)) >= n_uniform,
-                "event": torch.from_numpy(np.where(hit.any(1), hit.argmax(1), -1))}
+                "event": torch.from_numpy(np.where(hit.any(1), hit.argmax(1), -1)),
+                "on_prompt": torch.from_numpy(self.prompt[idx] == task[:, None]) if self.segment
+                else torch.ones(idx.shape, dtype=torch.bool)}
 
 
 # ==============================================================================================
@@ -702,7 +728,8 @@ def train(a: Args) -> dict:
         raise ValueError(f"{a.dynamics} does not fit {tok_path} and its dataset (actions {shapes['action_classes']}, "
                          f"latents {shapes['latent']}): retrain it with `python dynamics.py --tokenizer {tok_path}`")
     assert a.seq_len <= dyn.window, f"T = {a.seq_len} must not exceed the dynamics context C = {dyn.window}"
-    sampler = MixtureSampler.from_cache(train_cache, a.seq_len, a.seed)
+    assert a.relevant in ("event", "segment"), f"--relevant must be event or segment, got {a.relevant!r}"
+    sampler = MixtureSampler.from_cache(train_cache, a.seq_len, a.seed, segment=a.relevant == "segment")
     if a.from_scratch:  # the "BC" baseline: the same architecture, randomly initialised
         dyn = build_model(dyn_ckpt["args"], *shapes["latent"], shapes["action_classes"]).to(device)
     model = AgentModel(dyn, len(shapes["tasks"]), a.head_hidden, a.mtp, a.bins).to(device)
@@ -772,7 +799,8 @@ def train(a: Args) -> dict:
             rew = b["rewards"].gather(2, task[:, None, None].expand(B, T, 1))[..., 0]  # (B, T) prompted task
             tgt = mtp_targets(acts, rew, a.mtp, b["event"])
             eq9 = agent_loss(model.policy(h), model.reward_logits(h), tgt["actions"], tgt["rewards"],
-                             tgt["bc"] & b["relevant"][:, None, None], tgt["reward"], model.bins)  # BC on the relevant half
+                             tgt["bc"] & (b["relevant"][:, None] & b["on_prompt"])[..., None],  # BC on the
+                             tgt["reward"], model.bins)  # relevant half (and, with --relevant segment, its prompted frames)
             terms.update(bc=eq9["bc"], reward=eq9["reward"])
         common.check_finite(step, **terms)
         loss = sum(norms[k](v) for k, v in terms.items())  # each term ÷ its running RMS (§3 intro)

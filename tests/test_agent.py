@@ -267,6 +267,33 @@ def test_mixture_sampler_proportions_and_windows():
     counts = torch.bincount(first // 40, minlength=6).float() / n
     torch.testing.assert_close(counts, torch.full((6,), 1 / 6), atol=0.02, rtol=0)  # … equally likely
     assert int(round(ag.Args.batch * ag.Args.relevant_frac)) * 2 == ag.Args.batch  # the default batch is 50/50
+    assert b["on_prompt"].all()  # event mode: BC may use every frame before the event
+
+
+def test_segment_windows_cover_the_frames_the_ladder_prompts_the_task_on():
+    """--relevant segment: the ladder prompts task 1 from task 0's reward (frame 10) until its own (frame 20), so
+    task-1 windows are exactly those overlapping frames 10…19 and BC may use just those frames; task 2's reward in
+    episode 5 comes while the ladder still prompts task 1 (no task-1 reward there): no task-2 segment."""
+    latents, actions, rewards, episodes = synthetic_split()
+    s = ag.MixtureSampler(latents, actions, rewards, episodes, seq_len=8, seed=0, segment=True)
+    assert sorted(s.events) == [0, 1]
+    hand = np.concatenate([np.r_[[0] * 10, [1] * 10, [2] * 20] if e in (0, 3) else np.r_[[0] * 10, [1] * 20, [2] * 10]
+                           if e == 5 else np.r_[[0] * 10, [1] * 30] for e in range(6)])  # every frame's prompt (the
+    # highest reward so far + 1, capped at the last task, as ladder_prompt), written out
+    np.testing.assert_array_equal(s.prompt, hand)
+    n = 4000
+    b = s.sample(0, n)
+    idx, task = b["latents"][:, :, 0, 0].long(), b["task"]  # (n, T) global frame indices, (n,)
+    one = task == 1
+    first = idx[one, 0] % 40
+    assert first.min() == 10 - 8 + 1 and first.max() == 19 and len(set(first.tolist())) == 17  # every overlapping start
+    assert set((idx[one, 0] // 40).tolist()) == {0, 3}
+    torch.testing.assert_close(b["on_prompt"], torch.from_numpy(hand[idx.numpy()]) == task[:, None])
+    zero = ~one  # task 0: prompted from frame 0 to its reward at 10; windows start at 0…9
+    assert idx[zero, 0].remainder(40).max() == 9 and b["on_prompt"][zero].sum(1).min() >= 1
+    event = ag.MixtureSampler(latents, actions, rewards, episodes, seq_len=8, seed=0)
+    assert event.events[1] == [(20, 13, 19), (140, 133, 139)]  # event mode: the reward at position ≥ 1
+    assert s.events[1] == [(20, 3, 19), (140, 123, 139)]
 
 
 # ---------------------------------------------------------------- stepping with the KV cache
@@ -382,6 +409,8 @@ def test_smoke_pipeline_summary_pictures_baseline_and_exact_resume(smoke_dynamic
     assert set(s["success"]["WM+BC"]) == set(data.TASKS)
     rows = [json.loads(line) for line in open(os.path.join(full, "metrics.jsonl"))]
     assert {"video", "bc", "reward"} <= set(rows[-1])
+    seg = ag.train(agent_args("--dynamics", dyn, "--out", str(tmp / "seg"), "--eval-episodes", "0", "--relevant", "segment"))
+    assert math.isfinite(seg["heldout_bc_nll"]) and json.load(open(str(tmp / "seg" / "args.json")))["relevant"] == "segment"
     # The checkpoint chains to the dynamics checkpoint; load_agent rebuilds the same model.
     ckpt = torch.load(os.path.join(full, "ckpt.pt"), weights_only=True)
     assert ckpt["parent"]["stage"] == "dynamics" and ckpt["parent"]["weights_used"] and ckpt["format_version"] == 1
