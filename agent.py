@@ -462,7 +462,7 @@ class MixtureSampler:
         for e in self.episodes:
             o, n = e["offset"], e["length"]
             r = np.asarray(rewards[o:o + n]) > 0  # (n, n_tasks)
-            level = np.maximum.accumulate(np.where(r.any(1), r.shape[1] - 1 - r[:, ::-1].argmax(1), -1))  # (n,)
+            level = np.maximum.accumulate(highest_true(r))  # (n,) the highest milestone rewarded so far
             self.prompt[o:o + n] = np.minimum(level + 1, self.n_tasks - 1)  # as ladder_prompt, from the rewards
             for t, k in zip(*np.nonzero(r)):
                 first = t - seq_len + 1  # event mode: the event at position ≥ 1 of the window
@@ -514,6 +514,11 @@ class MixtureSampler:
 # ==============================================================================================
 
 
+def highest_true(hit: np.ndarray) -> np.ndarray:
+    """(B, K) bool → (B,) index of the last True per row (the highest milestone), −1 where none."""
+    return np.where(hit.any(1), hit.shape[1] - 1 - hit[:, ::-1].argmax(1), -1)
+
+
 def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
     """The evaluator's prompt ladder (Table 6): the first task not yet achieved.
 
@@ -526,8 +531,7 @@ def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
     seen = np.stack([inv[:, data.WOOD] > 0, table, inv[:, data.WOOD_PICK] > 0, inv[:, data.STONE_I] > 0,
                      inv[:, data.STONE_PICK] > 0, inv[:, data.IRON_I] > 0, inv[:, data.IRON_PICK] > 0,
                      inv[:, data.DIAMOND_I] > 0], 1)  # (B, 8) in TASKS order
-    top = np.where(seen.any(1), len(data.TASKS) - 1 - seen[:, ::-1].argmax(1), -1)  # highest seen
-    np.maximum(level, top, out=level)
+    np.maximum(level, highest_true(seen), out=level)
     return np.minimum(level + 1, len(data.TASKS) - 1)
 
 

@@ -5,8 +5,7 @@ actions (paper §4.1, Table 7). This file builds a laptop-sized miniature of tha
 it in the format every later stage reads (DESIGN.md §3), loads it back for training, and scores any policy in
 the real environment.
 
-Reads nothing (or image folders: --from-frames). Writes data/<name>/: one .npz per episode, meta.json,
-episodes.png (copied to assets/environment.png by the default run), episode.gif.
+Reads nothing (or --from-frames image folders). Writes data/<name>/: episodes (.npz), meta.json, episodes.png, episode.gif.
 
 Run:
     python data.py                  # data/diamond64: 64×64, 1,000 episodes × 256 frames (≈ 2 min, 55 MB)
@@ -41,8 +40,7 @@ Table 7, each paying 1 on the step its milestone is first reached; contractors r
 Deviations and ambiguities
   - 8 tasks, not the paper's 12 milestones: planks, stick, furnace and iron ingot are folded into the recipes;
     crafting is one button instead of the crafting GUI.
-  - Mining by holding `use` (3/4/5/6 presses for tree/stone/iron/diamond), Minecraft's rule: without it a random
-    policy climbs the whole ladder.
+  - Mining by holding `use` (3/4/5/6 presses for tree/stone/iron/diamond; Minecraft's rule) keeps random play low.
   - Fixed episode length, 256 frames (60 min in the paper): an expert needs ≈ 75 steps, a diligent contractor
     that dawdles still gets to the top, a sloppy one stalls midway. Lockstep evaluation stays simple; the
     continuation c_t is 1 everywhere. fps is nominal (10; the paper's is 20).

@@ -71,8 +71,7 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
   - Context frames at inference are corrupted to "signal level 0.9" (the paper's τ_ctx = 0.1 read as
     10 % noise, PAPER.md §9), snapped to the nearest grid point of the step they are tagged with,
     d_min: τ_ctx = 58/64 ≈ 0.906. `--ctx-tau 1` gives clean context (edwhu's choice).
-  - Each generated frame costs K denoising passes plus one pass that writes it, at τ_ctx, into the
-    KV cache (the paper does not describe its cache).
+  - Each generated frame costs K denoising passes plus one that writes it into the KV cache at τ_ctx (not in paper).
   - 30 % of the sequences of a batch are independent images (§3.4): their frames see only
     themselves in time attention and carry the "no action" embedding, like any frame 0.
   - The packed latent tokens have no pixel grid: each slot gets a learned embedding; RoPE is used
@@ -82,8 +81,7 @@ Deviations and ambiguities (DESIGN.md §5; each is also noted where it applies):
     first (`--time-layer 0`), so the space layers after it can move what it read within the frame; the
     last (`-1`) leaves the cpu preset's 4 layers no space layer after their only time layer. Cpu preset:
     action-shuffle gap 0.59–0.60 dB first (two runs) vs 0.18 dB last; the default preset is not measured.
-  - Experiment switches, off by default: `--no-ramp` (w = 1, not Eq 8), `--ctx-frac p` (that share of rows
-    with the history at τ_ctx, the last frame from Eq 4); README "How we got here".
+  - Experiment switches, off by default: `--no-ramp` (w = 1, not Eq 8), `--ctx-frac p` (rows with history at τ_ctx).
   - Rollout PSNR is averaged as the PSNR of the mean squared error per horizon (not in paper; see
     evaluate_rollouts): the mean of per-frame PSNRs rates exact copies of unchanged frames at 100 dB,
     which lifted the pixel copy baseline from 24.2 to 27.8 dB at the cpu preset.
