@@ -50,12 +50,8 @@ Deviations and ambiguities (each is also noted where it applies):
     windows are prompted with a uniformly drawn task.
   - BC targets stop at the event: under prompt k, the actions after task k is accomplished are no
     longer task-k behaviour (and the evaluation prompt moves on there). Not in the paper.
-  - `--relevant segment` (an experiment, off by default; not in the paper): BC under prompt k trains at
-    most T − 1 frames before k's reward, though the evaluator prompts k from the previous milestone
-    on (only 31–39 % of those contractor frames are that close, data/diamond32, T = 16). `segment`
-    draws relevant windows over all frames prompted k up to its reward and masks BC to them. Measured
-    (one seed, reduced chain, README): far worse, 43 / 3 % vs 95 / 50 % on collect wood / place table;
-    the frames far from a reward are mostly contractor excursions.
+  - `--relevant segment` (experiment, off; not in the paper): relevant windows over all frames the
+    ladder prompts k on, BC masked to them. Far worse (README: 43 / 3 % vs 95 / 50 % on the first rungs).
   - The reward target r_0 of a window's first frame is masked: h_0 has not seen the transition into
     frame 0. MTP targets past the end of a window are masked, never padded.
   - Policy: a component with 2 classes is a Bernoulli (one logit l, written as the categorical with
@@ -66,10 +62,10 @@ Deviations and ambiguities (each is also noted where it applies):
   - Loss normalisation: one running RMS per term (video, BC, reward); each term is a masked mean
     over rows, time steps and offsets (Eq 9 sums; the normaliser removes the scale).
   - One batch length T ≤ C (no alternating lengths in this stage).
-  - Evaluation prompts follow the paper's ladder (Table 6): the first task not yet achieved. The
-    paper's evaluator reads it from the game; data.evaluate hands a policy only frames, so the
-    evaluator side of AgentPolicy reads it off the frame (data.decode_frames). The network only sees
-    latents.
+  - Evaluation prompts follow the paper's ladder (Table 6): the first task not yet achieved, which
+    the evaluator side of AgentPolicy reads off the frame (data.decode_frames; the network only sees
+    latents). On a prompt switch the cached context is re-read under the new task (`reprompt`, not in
+    the paper: training windows carry one task); `--no-reprompt` keeps the old prompt's cached tokens.
   - --from-scratch is the paper's "BC" column (Table 7): the same architecture, data and heads,
     randomly initialised, trained without the video loss.
   - Sizes, optimiser (AdamW, warm-up, cosine), steps, head widths: not in paper.
@@ -121,6 +117,7 @@ class Args:
     eval_episodes: int = 200  # real-environment episodes per policy (§4.1; ≥ 100); 0 skips evaluation
     eval_batches: int = 8  # held-out batches for the BC metrics (not in paper)
     baselines: bool = True  # also evaluate the random and contractor policies on the same worlds
+    reprompt: bool = True  # on a ladder prompt switch, re-read the cached context under the new task (not in paper)
     compare: str = ""  # summary.json of another agent run (e.g. --from-scratch) drawn beside this one
     stop_at: int = 0  # stop after this step as if interrupted (to test --resume); 0 = never
     resume: bool = False  # continue the run in --out from its ckpt.pt
@@ -344,11 +341,12 @@ def _step_inputs(model: AgentModel, prev_action, B: int, device):
 
 
 def observe(model: AgentModel, cache: common.KVCache, z: torch.Tensor, prev_action, task: torch.Tensor,
-            ctx_tau: float, gen: torch.Generator | None = None) -> torch.Tensor:
+            ctx_tau: float, gen: torch.Generator | None = None, record: list | None = None) -> torch.Tensor:
     """Write frame t into the KV cache at τ_ctx and return the agent output h_t (B, D).
 
     z (B, N_z, C_z) packed clean latents of frame t (from the tokenizer, or imagine_frame);
     prev_action (B, A) = a_{t−1}, or None at t = 0; task (B,). Call under torch.no_grad() when acting.
+    record: a list that keeps the inputs (z̃, a_{t−1}, validity) of the C − 1 cached frames, for reprompt.
     """
     B, dev = z.shape[0], z.device
     tau_c, d_min = context_signal_level(ctx_tau, model.k_max), 1.0 / model.k_max
@@ -357,7 +355,30 @@ def observe(model: AgentModel, cache: common.KVCache, z: torch.Tensor, prev_acti
     prev, valid = _step_inputs(model, prev_action, B, dev)
     full = lambda v: torch.full((B, 1), v, device=dev)  # noqa: E731
     _, h = model(z_ctx, full(tau_c), full(d_min), prev, valid, task, cache=cache, commit=True)
+    if record is not None:
+        record.append((z_ctx, prev, valid))
+        del record[:max(0, len(record) - (model.window - 1))]  # the frames a next frame still sees
     return h[:, 0]  # (B, D)
+
+
+def reprompt(model: AgentModel, cache: common.KVCache, record: list, task: torch.Tensor, rows: torch.Tensor,
+             ctx_tau: float) -> None:
+    """A prompt switch while acting (not in the paper): re-read the cached context of `rows` (B,) bool
+    under their new `task` (B,). Training windows carry one task, but the cached agent tokens of the
+    last C − 1 frames hold the old prompt. The recorded inputs (the same noisy latents) run as one
+    window under the new task in a fresh cache, and `rows` take its keys/values: the next observe then
+    equals an uncached pass over the last C frames under the new task (tested). Other rows are kept."""
+    if not record or not rows.any():
+        return
+    z, prev, valid = (torch.cat(x, 1) for x in zip(*record))  # (B, T_c, N_z, C_z), (B, T_c, A), (B, T_c)
+    (B, T), fresh = valid.shape, common.KVCache(cache.window)
+    fresh.pos = cache.pos - T  # the same absolute frame positions (RoPE)
+    full = lambda v: torch.full((B, T), v, device=z.device)  # noqa: E731
+    model(z, full(context_signal_level(ctx_tau, model.k_max)), full(1.0 / model.k_max), prev, valid, task,
+          cache=fresh, commit=True)
+    sel = rows.repeat_interleave(model.space_mask.shape[0])[:, None, None, None]  # (B·N, 1, 1, 1): keys are (B·N, Hk, T_c, Dh)
+    for i, (k, v) in fresh.kv.items():
+        cache.kv[i] = (torch.where(sel, k, cache.kv[i][0]), torch.where(sel, v, cache.kv[i][1]))
 
 
 def imagine_frame(model: AgentModel, cache: common.KVCache, prev_action, task: torch.Tensor, k: int = 4,
@@ -440,10 +461,8 @@ class MixtureSampler:
     latents (ΣT, N_b, D_b), actions (ΣT, A), rewards (ΣT, n_tasks): one split, episodes concatenated;
     episodes [{"offset", "length"}]. Uniform: any window, prompted with a uniformly drawn task.
     Relevant: a task uniformly among the tasks with events, one of its events, and a window that
-    holds it at position ≥ 1 (the action that caused it is inside). segment=True (`--relevant
-    segment`): a window over the frames before the event that the evaluator's ladder prompts with
-    the task (`prompt`: the first task not yet rewarded in the episode), BC on those frames only.
-    `rng` is the sampler's own.
+    holds it at position ≥ 1 (the action that caused it is inside). segment=True: a window over the
+    frames the ladder prompts with the task before the event (`prompt`), BC on those frames only.
     """
 
     def __init__(self, latents, actions, rewards, episodes: list[dict], seq_len: int, seed: int = 0,
@@ -537,25 +556,30 @@ def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 class AgentPolicy:
     """The trained policy as a data.evaluate player: per step encode the frame (tokenizer KV cache),
-    write it into the transformer's KV cache (observe), read h_t, sample a_t ~ π(· | h_t) (offset 0)."""
+    write it into the transformer's KV cache (observe), read h_t, sample a_t ~ π(· | h_t) (offset 0);
+    on a ladder prompt switch, first re-read the cached context under the new task (reprompt)."""
 
-    def __init__(self, model: AgentModel, tok, device, ctx_tau: float, seed: int = 0):
+    def __init__(self, model: AgentModel, tok, device, ctx_tau: float, seed: int = 0, reprompt: bool = True):
         self.model, self.tok, self.device, self.ctx_tau = model, tok, device, ctx_tau
-        self.gen = torch.Generator(device).manual_seed(seed)
+        self.gen, self.reprompt = torch.Generator(device).manual_seed(seed), reprompt
 
     def reset(self, n_envs: int) -> None:
         self.tok_cache, self.cache = common.KVCache(self.tok.encoder.window), common.KVCache(self.model.window)
-        self.prev, self.level = None, np.full(n_envs, -1)
+        self.prev, self.level, self.task, self.record = None, np.full(n_envs, -1), np.full(n_envs, -1), []
 
     @torch.no_grad()
     def act(self, frames: np.ndarray) -> np.ndarray:
-        task = torch.from_numpy(ladder_prompt(frames, self.level)).to(self.device)  # (B,)
+        prompt = ladder_prompt(frames, self.level)  # (B,) numpy
+        task, switched = (torch.from_numpy(v).to(self.device) for v in (prompt, prompt != self.task))
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)[:, None]  # (B, 1, H, W, 3) uint8
         with common.autocast(self.device):
+            if self.reprompt:
+                reprompt(self.model, self.cache, self.record, task, switched, self.ctx_tau)
             z = pack(self.tok.encode(x, cache=self.tok_cache)).float()[:, 0]  # (B, N_z, C_z)
-            h = observe(self.model, self.cache, z, self.prev, task, self.ctx_tau, self.gen)  # (B, D)
+            h = observe(self.model, self.cache, z, self.prev, task, self.ctx_tau, self.gen,
+                        self.record if self.reprompt else None)  # (B, D)
             self.prev = sample_action(self.model.policy(h, offset=0), self.gen)  # (B, A) a_t
-        self.task = task.cpu().numpy()
+        self.task = prompt
         return self.prev.cpu().numpy()
 
 
@@ -834,7 +858,7 @@ def train(a: Args) -> dict:
         "steps": step, "steps_this_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / max(wall, 1e-9),
         "frames_per_s": steps_run * a.batch * a.seq_len / max(wall, 1e-9), "peak_mem_gb": common.peak_memory_gb(device),
         "params_m": n_params / 1e6, "policy": name, "from_scratch": a.from_scratch, "video_loss": video_loss, "mtp": a.mtp,
-        "eval_episodes": a.eval_episodes, "ctx_tau_used": tau_c,
+        "eval_episodes": a.eval_episodes, "ctx_tau_used": tau_c, "reprompt": a.reprompt,
     }
     model.eval()
     t0 = time.time()
@@ -842,7 +866,7 @@ def train(a: Args) -> dict:
     builtin = meta.get("generator") == "minidreamer4 data.py" and list(meta["tasks"]) == data.TASKS
     if a.eval_episodes > 0 and builtin:
         size, ep_len = meta["image_size"], meta.get("episode_len", 256)
-        policy = AgentPolicy(model, tok, device, a.ctx_tau, a.seed)
+        policy = AgentPolicy(model, tok, device, a.ctx_tau, a.seed, a.reprompt)
         success = {name: data.evaluate(policy, a.eval_episodes, a.seed, size, ep_len)["success"]}
         if a.baselines:
             for label, player in (("random", data.RandomPolicy(a.seed)), ("contractors", data.ContractorPolicy(a.seed))):

@@ -122,6 +122,7 @@ class Args:
     eval_every: int = 250  # steps between real-environment evaluations for the success curve; 0 = none
     curve_episodes: int = 50  # real-environment episodes per point of the success curve
     eval_episodes: int = 200  # final real-environment episodes per policy (§4.1; ≥ 100); 0 skips evaluation
+    reprompt: bool = True  # evaluation: on a ladder prompt switch, re-read the cached context (agent.reprompt)
     probe_starts: int = 16  # held-out start states per task for imagined vs real (0 = skip)
     compare: str = ""  # summary.json of the BC-from-scratch run (agent.py --from-scratch), for the table
     table: str = ""  # comma-separated imagine run folders: only write the mean ± std table of their summaries
@@ -392,9 +393,9 @@ class swap_policy:
 
 
 def evaluate_success(model: ag.AgentModel, tok, device, ctx_tau: float, episodes: int, seed: int,
-                     meta: dict) -> dict:
+                     meta: dict, reprompt: bool = True) -> dict:
     """Real-environment success per task of the model's policy (data.evaluate: held-out world seeds)."""
-    policy = ag.AgentPolicy(model, tok, device, ctx_tau, seed)
+    policy = ag.AgentPolicy(model, tok, device, ctx_tau, seed, reprompt)
     return data.evaluate(policy, episodes, seed, meta["image_size"], meta.get("episode_len", 256))["success"]
 
 
@@ -715,7 +716,7 @@ def train(a: Args) -> dict:
         if a.eval_every > 0 and a.curve_episodes > 0 and builtin and (step % a.eval_every == 0 or step == a.steps):
             if not curve or curve[-1]["step"] != step:
                 curve.append({"step": step, "episodes": a.curve_episodes, "success": evaluate_success(
-                    model, tok, device, ctx_tau, a.curve_episodes, a.seed, meta)})
+                    model, tok, device, ctx_tau, a.curve_episodes, a.seed, meta, a.reprompt)})
                 rates = " ".join(f"{k} {100 * v['rate']:.0f}" for k, v in curve[-1]["success"].items())
                 print(f"  real-environment success (%) at step {step}: {rates}")
 
@@ -769,13 +770,14 @@ def train(a: Args) -> dict:
         "policy": "Dreamer 4", "horizon": a.horizon, "sample_k": a.sample_k, "gamma": a.gamma, "lam": a.lam,
         "alpha": a.alpha, "beta": a.beta, "eval_episodes": a.eval_episodes, "curve": curve,
         "ctx_tau_used": context_signal_level(ctx_tau, model.k_max), "parent": os.path.abspath(a.agent),
+        "reprompt": a.reprompt,
     }
     model.eval()
     t0 = time.time()
     if a.eval_episodes > 0 and builtin:
-        success = {"Dreamer 4": evaluate_success(model, tok, device, ctx_tau, a.eval_episodes, a.seed, meta)}
+        success = {"Dreamer 4": evaluate_success(model, tok, device, ctx_tau, a.eval_episodes, a.seed, meta, a.reprompt)}
         with swap_policy(model, prior):  # WM+BC: the stage-2 policy, on the same worlds
-            success["WM+BC"] = evaluate_success(model, tok, device, ctx_tau, a.eval_episodes, a.seed, meta)
+            success["WM+BC"] = evaluate_success(model, tok, device, ctx_tau, a.eval_episodes, a.seed, meta, a.reprompt)
         size, ep_len = meta["image_size"], meta.get("episode_len", 256)
         for label, player in (("random", data.RandomPolicy(a.seed)), ("contractors", data.ContractorPolicy(a.seed))):
             success[label] = data.evaluate(player, a.eval_episodes, a.seed, size, ep_len)["success"]

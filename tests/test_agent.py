@@ -24,10 +24,10 @@ CLASSES = [5, 2, 2]  # a categorical move and two buttons
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0):
+def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0, time_every=4):
     torch.manual_seed(seed)
     dyn = dy.DynamicsModel(latent_tokens=4, latent_dim=6, action_classes=CLASSES, dim=32, depth=4, heads=4,
-                           kv_heads=2, registers=2, context=window, mlp_ratio=2.0, k_max=64)
+                           kv_heads=2, registers=2, context=window, mlp_ratio=2.0, k_max=64, time_every=time_every)
     return ag.AgentModel(dyn, n_tasks, head_hidden=16, mtp=mtp, bins=255).eval()
 
 
@@ -326,6 +326,37 @@ def test_cached_observe_and_imagine_equal_the_uncached_forward():
         torch.testing.assert_close(z_new, ref, atol=1e-5, rtol=1e-4)
         z_step, h_step = ag.step_world_model(model, cache, acts[:, T - 1], task, k, 0.9, gen)
         assert z_step.shape == (B, 4, 6) and h_step.shape == (B, 32) and cache.pos == T + 1
+
+
+def test_reprompt_rereads_the_cached_context_under_the_new_task():
+    """A prompt switch while acting: after reprompt, observe equals an uncached pass over the last C frames (the
+    same noisy inputs), all under the new task, as a training window; a row that keeps its prompt keeps its cache
+    bit for bit; without reprompt the old task's cached agent tokens change h_t (what reprompt removes)."""
+    C, B, T = 4, 2, 7
+    model = tiny_agent(window=C, time_every=2)  # two time layers: the window re-read differs from sliding
+    z, _, _, acts, _ = inputs(B, T)
+    old, new = torch.tensor([0, 1]), torch.tensor([2, 1])  # row 0 switches 0 → 2, row 1 keeps task 1
+    gen = torch.Generator().manual_seed(3)
+    cache, record = common.KVCache(C), []
+    with torch.no_grad():
+        for t in range(T - 1):
+            ag.observe(model, cache, z[:, t], acts[:, t - 1] if t else None, old, 0.9, gen, record)
+        assert len(record) == C - 1 and cache.pos == T - 1
+        kept = common.KVCache(C)
+        kept.pos, kept.kv = cache.pos, dict(cache.kv)  # the cache without the re-read (tensors are replaced, not written)
+        state = gen.get_state()
+        ag.reprompt(model, cache, record, new, new != old, 0.9)
+        window = list(record)
+        h = ag.observe(model, cache, z[:, T - 1], acts[:, T - 2], new, 0.9, gen, record)
+        window.append(record[-1])  # the last C frames' inputs
+        h_kept = ag.observe(model, kept, z[:, T - 1], acts[:, T - 2], new, 0.9, gen.set_state(state))
+        zw, prev, valid = (torch.cat(x, 1) for x in zip(*window))  # (B, C, 4, 6), (B, C, A), (B, C)
+        tau_c = dy.context_signal_level(0.9, 64)
+        _, h_ref = model(zw, torch.full((B, C), tau_c), torch.full((B, C), 1 / 64), prev, valid, new)  # uncached
+    torch.testing.assert_close(h[0], h_ref[0, -1], atol=1e-5, rtol=1e-4)  # row 0: a fresh window under task 2
+    assert torch.equal(h[1], h_kept[1])  # row 1 kept its prompt and its cache
+    assert not torch.allclose(h_kept[0], h_ref[0, -1], atol=1e-3)  # the stale prompt mattered
+    assert not torch.allclose(h_kept[1], h_ref[1, -1], atol=1e-3)  # and sliding ≠ re-read with two time layers
 
 
 def test_ladder_prompt_follows_the_achievements_of_real_episodes():
