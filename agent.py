@@ -62,13 +62,11 @@ Deviations and ambiguities (each is also noted where it applies):
   - Loss normalisation: one running RMS per term (video, BC, reward); each term is a masked mean
     over rows, time steps and offsets (Eq 9 sums; the normaliser removes the scale).
   - One batch length T ≤ C (no alternating lengths in this stage).
-  - Evaluation prompts follow the paper's ladder (Table 6): the first task not yet achieved, which
-    the evaluator side of AgentPolicy reads off the frame (data.decode_frames; the network only sees
-    latents). On a prompt switch the cached context is re-read under the new task (`reprompt`, not in
-    the paper: training windows carry one task); `--no-reprompt` keeps the old prompt's cached tokens.
-  - --from-scratch is the paper's "BC" column (Table 7): the same architecture, data and heads,
-    randomly initialised, trained without the video loss.
-  - Sizes, optimiser (AdamW, warm-up, cosine), steps, head widths: not in paper.
+  - Evaluation prompts: the paper's ladder (Table 6), the first task not yet achieved, read off the
+    frame by AgentPolicy (the network sees only latents). On a prompt switch the cached context is
+    re-read under the new task (`reprompt`, not in the paper); `--no-reprompt` keeps the old tokens.
+  - --from-scratch is the paper's "BC" column (Table 7): same architecture, data and heads, random
+    init, no video loss. Sizes, optimiser (AdamW, warm-up, cosine), steps, head widths: not in paper.
 """
 
 from __future__ import annotations
@@ -383,10 +381,8 @@ def reprompt(model: AgentModel, cache: common.KVCache, record: list, task: torch
 
 def imagine_frame(model: AgentModel, cache: common.KVCache, prev_action, task: torch.Tensor, k: int = 4,
                   gen: torch.Generator | None = None) -> torch.Tensor:
-    """Generate frame t from the cached history and a_{t−1} with K shortcut steps (d = 1/K, §3.2).
-
-    Does not change the cache (call observe to commit the frame). Returns (B, N_z, C_z) latents.
-    """
+    """Frame t (B, N_z, C_z) from the cached history and a_{t−1}: K shortcut steps of d = 1/K (§3.2).
+    Does not change the cache (observe commits the frame)."""
     assert cache.kv, "imagine_frame needs a context: observe at least one frame first"
     B, dev = next(iter(cache.kv.values()))[0].shape[0] // model.space_mask.shape[0], model.bins.device  # keys (B·N, …)
     prev, valid = _step_inputs(model, prev_action, B, dev)
@@ -417,8 +413,7 @@ def mtp_targets(actions: torch.Tensor, rewards: torch.Tensor, L: int, event: tor
     `bc` (inside and t + n < event: the actions that lead up to the task), `reward` (inside, except
     r_0 of the window's first frame, whose transition h_0 has not seen).
     """
-    B, T, A = actions.shape
-    dev = actions.device
+    (B, T, A), dev = actions.shape, actions.device
     j = torch.arange(T, device=dev)[:, None] + torch.arange(L, device=dev)  # (T, L) target index t + n
     inside = (j < T).expand(B, T, L)  # (B, T, L)
     jc = j.clamp(max=T - 1)  # in-range index for the gather; masked entries are never used
