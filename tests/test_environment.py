@@ -159,3 +159,16 @@ def test_evaluate_accepts_a_plain_callable():
 def test_evaluate_rejects_actions_of_the_wrong_shape():
     with pytest.raises(ValueError, match="policy returned actions"):
         environment.evaluate(three_component_policy, episodes=1, image_size=32, episode_len=4)
+
+
+# ---------------------------------------------------------------- command line
+
+def test_eval_random_prints_every_task_for_three_players(capsys):
+    environment.main(["--preset", "smoke", "--eval-random", "--eval-episodes", "2"])
+    out = capsys.readouterr().out
+    assert out.count("collect_diamond") == 3, out
+
+
+def test_command_line_without_a_mode_says_which_to_choose():
+    with pytest.raises(SystemExit, match="--bench or --eval-random"):
+        environment.main([])
