@@ -684,7 +684,7 @@ def test_replaying_the_contractor_actions_reproduces_the_recorded_reward(smoke_r
         assert v["real"] == 1.0
 
 
-def test_smoke_metrics_log_the_pmpo_and_value_terms(smoke_run):
+def test_smoke_metrics_log_the_policy_and_value_loss_terms(smoke_run):
     full, _ = smoke_run
     rows = [json.loads(line) for line in open(os.path.join(full, "metrics.jsonl"))]
     assert {"pmpo", "value", "kl", "frac_pos", "return"} <= set(rows[-1])
