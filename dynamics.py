@@ -216,7 +216,8 @@ class DynamicsModel(nn.Module):
         self.spatial = slice(2, 2 + latent_tokens)  # where the latent tokens sit in a frame
 
     def embed_actions(self, prev_actions, valid, B: int, T: int) -> torch.Tensor:
-        """Action token per frame: base + Σ_components embed(a_{t−1}); base only where not valid."""
+        """One action token per frame (S_a = 1, not in paper): base + Σ_components embed(a_{t−1});
+        the base alone where not valid."""
         tok = self.action_base.expand(B, T, -1)  # (B, T, D)
         if prev_actions is None or not self.action_classes:
             return tok
@@ -476,7 +477,8 @@ def train(a: Args) -> dict:
     step = 0
     ckpt_path = os.path.join(a.out, "ckpt.pt")
     if a.resume:
-        ckpt = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {a.out}")
+        how = f"python dynamics.py --preset {a.preset} --out {a.out}"
+        ckpt = common.load_checkpoint(ckpt_path, "dynamics", how)
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt.get("ema") or ckpt["model"])

@@ -34,7 +34,7 @@ from tokenizer import LatentCache, load_tokenizer, pack
 
 
 def report(model, tok, held: LatentCache, a: Args, device, figures: dict, rollouts: dict) -> dict:
-    """Everything beyond the headline figures, in the order the summary has always drawn it;
+    """The summary keys beyond the headline figures (each instrument seeds its own generators);
     writes the pictures into a.out. figures, rollouts: what dynamics.evaluate returned."""
     n_actions = 0 if held.actions is None else len(model.action_classes)
     out, recon = rollout_baselines(tok, held, rollouts, a, device)
@@ -327,7 +327,12 @@ def main(argv: list[str] | None = None) -> dict:
     given = vars(parser.parse_args(argv))
     run_dir = given.pop("run_dir")
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    ckpt = common.load_checkpoint(ckpt_path, "dynamics", f"python dynamics.py --out {run_dir}")
+    preset = "default"
+    if os.path.exists(os.path.join(run_dir, "args.json")):
+        with open(os.path.join(run_dir, "args.json")) as fh:
+            preset = json.load(fh).get("preset", preset)
+    how = f"python dynamics.py --preset {preset} --out {run_dir}"
+    ckpt = common.load_checkpoint(ckpt_path, "dynamics", how)
     fields = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
     typed = {k: v for k, v in given.items() if v is not None}
     a = Args(**{**fields, **typed, "out": run_dir})  # written where the folder is now

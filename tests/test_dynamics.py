@@ -292,6 +292,25 @@ def test_eq7_bootstrap_target_is_a_stop_gradient():
           "or .detach() them (sg in Eq 7), so only the full-step prediction ẑ₁ is trained")
 
 
+def test_eq7_asks_the_network_only_for_steps_on_the_grid():
+    """The network embeds only d ∈ {1, 1/2, …, 1/K_max} and τ on the 1/K_max grid below 1."""
+    clean, noise, tau, d = eq7_batch()
+    asked = []
+
+    def f(z, t, dd, rows=None):
+        asked.append((torch.as_tensor(t).flatten(), torch.as_tensor(dd).flatten()))
+        return toy_f(z, t, dd)
+
+    dy.shortcut_forcing_loss(f, clean, noise, tau, d, K_MAX)
+    taus, ds = torch.cat([a[0] for a in asked]), torch.cat([a[1] for a in asked])
+    assert float(ds.min()) >= 1 / K_MAX, (
+        f"f was asked for d = {float(ds.min())} < d_min = 1/{K_MAX}: flow frames (d = d_min) need "
+        "no half steps; if your half-step passes run on them too, condition them on d_min (their "
+        "result is not used)")
+    assert torch.equal(taus * K_MAX, (taus * K_MAX).round()) and float(taus.max()) < 1, \
+        "f is asked at τ and τ + d/2 only: both on the 1/K_max grid, below 1"
+
+
 # ------------------------------------------------------ Eq 7: speed-up, safeguard, gradients
 
 def batch_with_flow_rows():
