@@ -1,17 +1,8 @@
 """Stage 2 — agent finetuning: behaviour cloning and a reward model with multi-token prediction
-(Dreamer 4 §3.3, Eq 9).
+(Dreamer 4 §3.3, Eq 9). The world model of dynamics.py gets one agent token per frame; heads on
+its output h_t predict a_t … a_{t+L−1} and r_t … r_{t+L−1} (indexing: docs/conventions.md).
 
-The pretrained world model (dynamics.py) gets one more token per frame, the agent token, fed with a
-task embedding. It reads every other token, and no other token reads it, so the world model's
-predictions depend on actions but never on the task. Two small MLP heads read its output h_t: a
-policy head and a symexp-twohot reward head, each with one output layer per multi-token-prediction
-(MTP) offset n. The Eq 7 video loss of stage 1b keeps running, so the transformer stays a world
-model that imagine.py can roll out. Per time step t the transformer sees
-    [ action a_{t−1} | (τ_t, d_t) | N_z latent tokens of z̃_t | S_r registers | agent token (task) ]
-so h_t has seen a_{t−1} and z_t: the policy at h_t predicts a_t (MTP: a_t … a_{t+L−1}) and the
-reward head r_t, the reward of entering frame t (docs/conventions.md: indexing and token layout).
-
-Reads:  runs/dynamics/ckpt.pt (`python dynamics.py`), its tokenizer and the tokenizer's latent cache.
+Reads:  runs/dynamics/ckpt.pt (`python dynamics.py`), its tokenizer and that tokenizer's latents.
 Writes: runs/agent/  ckpt.pt, args.json, metrics.jsonl, summary.json, success.png, reward_trace.png.
 
 Run:
@@ -24,7 +15,7 @@ Run:
 Equation map:
     Eq 9   −Σ_n ln p(a_{t+n} | h_t) − Σ_n ln p(r_{t+n} | h_t)  -> agent_loss, mtp_targets
     §3.3   agent tokens: task embedding, one-way attention     -> AgentModel, agent_space_mask
-    §3.3   policy head: categorical move + Bernoulli buttons   -> split_policy_logits, action_log_prob
+    §3.3   policy head: categorical and Bernoulli components   -> action_log_prob, sample_action
     §3.3   reward head: symexp twohot (DreamerV3), 255 bins    -> symlog, symexp, twohot, twohot_nll
     §3.3   50 % uniform / 50 % task-relevant sequences         -> MixtureSampler
     Eq 7   video-prediction loss continues on the uniform half -> dynamics.shortcut_forcing_loss
@@ -48,8 +39,7 @@ import torch.nn.functional as F
 import common
 import data
 from dynamics import (DynamicsModel, build_model, context_signal_level, corrupt, forcing_batch,
-                      load_dynamics, row_select, sample_frame, shift_actions,
-                      shortcut_forcing_loss)
+                      load_dynamics, row_select, sample_frame, shift_actions, shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
 
 
@@ -89,22 +79,19 @@ class Args:
 
 
 PRESETS = {
-    "smoke": dict(dynamics="runs/smoke/dynamics/ckpt.pt", out="runs/smoke/agent",
-                  head_hidden=16, batch=4, seq_len=4, steps=6, warmup=2,
-                  log_every=2, ckpt_every=3, eval_episodes=2, eval_batches=1,
-                  compare="runs/smoke/agent_scratch/summary.json"),
-    "cpu": dict(dynamics="runs/cpu/dynamics/ckpt.pt", out="runs/cpu/agent",
-                head_hidden=128, batch=16, seq_len=16, steps=700, lr=1e-3, warmup=100,
-                ckpt_every=100, eval_episodes=100,
-                compare="runs/cpu/agent_scratch/summary.json"),
+    "smoke": dict(dynamics="runs/smoke/dynamics/ckpt.pt", out="runs/smoke/agent", head_hidden=16,
+                  batch=4, seq_len=4, steps=6, warmup=2, log_every=2, ckpt_every=3,
+                  eval_episodes=2, eval_batches=1, compare="runs/smoke/agent_scratch/summary.json"),
+    "cpu": dict(dynamics="runs/cpu/dynamics/ckpt.pt", out="runs/cpu/agent", head_hidden=128,
+                batch=16, seq_len=16, steps=700, lr=1e-3, warmup=100, ckpt_every=100,
+                eval_episodes=100, compare="runs/cpu/agent_scratch/summary.json"),
 }
 
 FORMAT_VERSION = 1
+POLICY = {True: "BC (scratch)", False: "WM+BC"}  # the run's column in Table 7 (by --from-scratch)
 
 
-# ==============================================================================================
-# Symlog, symexp and twohot (the reward head; imagine.py reuses them for the value head)
-# ==============================================================================================
+# ---- The heads' distributions: symexp twohot (reward; value in imagine.py), factorised policy ---
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -118,24 +105,19 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def twohot_bins(n: int = 255, limit: float = 20.0) -> torch.Tensor:
-    """Bin centres in symlog space: linspace(−limit, limit, n), built exactly symmetric
-    (b_i = −b_{n−1−i}). In reward space the bins sit at symexp(linspace(−20, 20)) (DreamerV3).
-    Returns (n,)."""
+    """(n,) bin centres in symlog space, linspace(−limit, limit, n) (DreamerV3), built exactly
+    symmetric (b_i = −b_{n−1−i}); in reward space the bins sit at symexp(linspace(−20, 20))."""
     assert n % 2 == 1, f"an odd bin count keeps a bin at exactly 0, got {n}"
     half = torch.linspace(0.0, limit, (n + 1) // 2)  # (n/2 + 1,) from 0 to the limit
     return torch.cat([-half.flip(0)[:-1], half])  # (n,)
 
 
 def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """x (...) real values → (..., n) weights: symlog(x) split between its two neighbouring bins.
-
-    The weights sum to 1 and Σ_i w_i·b_i = symlog(x) exactly (linear interpolation), for x inside
-    ±symexp(limit); values beyond are clamped to the outer bin.
-    """
+    """x (...) → (..., n) weights: symlog(x) split between its two neighbouring bins, so that
+    Σ_i w_i = 1 and Σ_i w_i·b_i = symlog(x); values beyond ±symexp(limit) go to the outer bin."""
     n = bins.shape[0]
     y = symlog(x.float()).clamp(float(bins[0]), float(bins[-1]))  # (...)
-    # k: the upper neighbour, bins[k−1] ≤ y < bins[k]
-    k = torch.searchsorted(bins, y.contiguous(), right=True).clamp(1, n - 1)  # (...)
+    k = torch.searchsorted(bins, y.contiguous(), right=True).clamp(1, n - 1)  # b[k−1] ≤ y < b[k]
     lo, hi = bins[k - 1], bins[k]  # (...) each
     w_hi = (y - lo) / (hi - lo)  # (...) share of the upper neighbour
     out = torch.zeros(*y.shape, n, device=y.device)  # (..., n)
@@ -144,54 +126,38 @@ def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 
 def twohot_nll(logits: torch.Tensor, x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """−ln p(x) of a twohot head: −Σ_i twohot(x)_i · log_softmax(logits)_i.
-    logits (..., n), x (...) → (...)."""
+    """−ln p(x) = −Σ_i twohot(x)_i · log_softmax(logits)_i.  logits (..., n), x (...) → (...)."""
     return -(twohot(x, bins) * F.log_softmax(logits.float(), -1)).sum(-1)
 
 
 def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """The head's prediction symexp(Σ_i softmax(logits)_i·b_i)   (..., n) → (...).
-
-    The sum pairs bin i with its mirror bin before adding up (as DreamerV3 does), so uniform
-    probabilities, i.e. a zero-initialised output layer, give exactly 0, not a float residue.
-    """
+    """The prediction symexp(Σ_i softmax(logits)_i·b_i), (..., n) → (...). Bin i is paired with
+    its mirror bin before the sum (as DreamerV3 does): a zero output layer gives exactly 0."""
     m = bins.shape[0] // 2  # index of the centre bin (b_m = 0)
     pb = F.softmax(logits.float(), -1) * bins  # (..., n)
     return symexp(pb[..., m] + (pb[..., :m].flip(-1) + pb[..., m + 1:]).sum(-1))  # (...)
 
 
-# ==============================================================================================
-# The factorised action distribution (policy head)
-# ==============================================================================================
-
-
 def split_policy_logits(raw: torch.Tensor, action_classes: list[int]) -> list[torch.Tensor]:
-    """Raw head output (..., Σ_c width_c) → one logits tensor (..., n_c) per action component.
-
-    A 2-class component (a button) is a Bernoulli with one logit l, written as the categorical with
-    logits (0, l): p(1) = σ(l). Any other component is a categorical with n_c logits.
-    """
+    """Head output (..., Σ_c width_c) → logits (..., n_c) per component: categorical, or for 2
+    classes (a button) a Bernoulli with one logit l, as the categorical (0, l): p(1) = σ(l)."""
     out, i = [], 0
     for n in action_classes:
-        if n == 2:
-            out.append(torch.stack([torch.zeros_like(raw[..., i]), raw[..., i]], -1))  # (..., 2)
-            i += 1
-        else:
-            out.append(raw[..., i:i + n])  # (..., n)
-            i += n
+        width = 1 if n == 2 else n
+        lg = raw[..., i:i + width]  # (..., width)
+        out.append(torch.cat([torch.zeros_like(lg), lg], -1) if n == 2 else lg)  # (..., n)
+        i += width
     return out
 
 
 def action_log_prob(logits: list[torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
-    """ln π(a) = Σ_c ln p_c(a_c): independent components.
-    logits A × (..., n_c), actions (..., A) → (...)."""
+    """ln π(a) = Σ_c ln p_c(a_c).  logits A × (..., n_c), actions (..., A) → (...)."""
     return sum(F.log_softmax(lg.float(), -1).gather(-1, actions[..., c:c + 1].long())[..., 0]
                for c, lg in enumerate(logits))
 
 
 def sample_action(logits: list[torch.Tensor], gen: torch.Generator | None = None) -> torch.Tensor:
-    """One sample per component by the Gumbel-max trick (seeded by `gen`).
-    A × (..., n_c) → (..., A) int64."""
+    """One sample per component by the Gumbel-max trick.  A × (..., n_c) → (..., A) int64."""
     out = []
     for lg in logits:
         u = torch.rand(lg.shape, generator=gen, device=lg.device).clamp(1e-9, 1 - 1e-9)
@@ -208,18 +174,12 @@ def action_kl(p: list[torch.Tensor], q: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-# ==============================================================================================
-# Model: agent tokens (one-way attention) and the MTP heads
-# ==============================================================================================
+# ---- Model: agent tokens (one-way attention) and the MTP heads -----------------------------------
 
 
 def agent_space_mask(n_world: int, n_agent: int) -> torch.Tensor:
-    """§3.3: agent tokens attend to every token; no other token attends to the agent tokens.
-
-    Token order [world tokens (action, (τ, d), latents, registers) | agent tokens].
-    Returns (N, N) bool, row = query, column = key, True = may attend. (Time layers need no mask:
-    each token slot only attends to the same slot in earlier frames.)
-    """
+    """§3.3: agent tokens attend to every token; no other token attends to them. Tokens [world
+    (action, (τ, d), latents, registers) | agent] → (N, N) bool, row = query, True = may attend."""
     N = n_world + n_agent
     mask = torch.ones(N, N, dtype=torch.bool)
     mask[:n_world, n_world:] = False  # world → agent: never
@@ -227,10 +187,8 @@ def agent_space_mask(n_world: int, n_agent: int) -> torch.Tensor:
 
 
 class MTPHead(nn.Module):
-    """A small MLP on h_t, then one output layer per MTP offset n = 0…L−1 (§3.3), zero-initialised.
-
-    forward(h) → (..., L, out); forward(h, offset=n) → (..., out) for one offset only.
-    """
+    """A small MLP on h_t, then one zero-initialised output layer per MTP offset n = 0…L−1 (§3.3).
+    forward(h) → (..., L, out); forward(h, offset=n) → (..., out) for one offset only."""
 
     def __init__(self, dim: int, hidden: int, out: int, mtp: int):
         super().__init__()
@@ -250,10 +208,7 @@ class MTPHead(nn.Module):
 
 class AgentModel(nn.Module):
     """The dynamics model of stage 1b plus one agent token per frame, a policy and a reward head.
-
-    forward(...) → (ẑ₁ (B, T, N_z, C_z), h (B, T, D)): the x-prediction of the dynamics model
-    (unchanged by the agent token) and the agent token's output h_t.
-    """
+    forward → ẑ₁ (B, T, N_z, C_z), unchanged by the agent token, and its output h_t (B, T, D)."""
 
     def __init__(self, dyn: DynamicsModel, n_tasks: int, head_hidden: int, mtp: int, bins: int):
         super().__init__()
@@ -264,8 +219,7 @@ class AgentModel(nn.Module):
         D = dyn.latent_in.out_features
         self.agent_base = nn.Parameter(torch.randn(D) * 0.02)  # "this is the agent token"
         self.task_embed = nn.Embedding(n_tasks, D)  # one-hot task → learned embedding (§3.3)
-        # action, (τ, d), latents, registers; then the agent token
-        n_world = 2 + dyn.latent_tokens + dyn.register_tokens.shape[0]
+        n_world = 2 + dyn.latent_tokens + dyn.register_tokens.shape[0]  # action, (τ, d), z, regs
         self.register_buffer("space_mask", agent_space_mask(n_world, 1), persistent=False)
         self.register_buffer("bins", twohot_bins(bins), persistent=False)
         n_out = sum(1 if n == 2 else n for n in self.action_classes)  # one logit per button
@@ -287,8 +241,7 @@ class AgentModel(nn.Module):
         return z1, h[:, :, -1]  # (B, T, N_z, C_z), (B, T, D)
 
     def policy(self, h: torch.Tensor, offset: int | None = None) -> list[torch.Tensor]:
-        """Per-component action logits from h (..., D): A × (..., L, n_c), or A × (..., n_c)
-        for one offset."""
+        """h (..., D) → A × (..., L, n_c) action logits, or A × (..., n_c) for one offset."""
         return split_policy_logits(self.policy_head(h, offset).float(), self.action_classes)
 
     def reward_logits(self, h: torch.Tensor, offset: int | None = None) -> torch.Tensor:
@@ -296,14 +249,11 @@ class AgentModel(nn.Module):
         return self.reward_head(h, offset).float()
 
     def reward(self, h: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Predicted reward of the prompted task, r̂_{t+offset} = symexp twohot mean: (..., D) →
-        (...)."""
+        """r̂_{t+offset} of the prompted task (symexp twohot mean): (..., D) → (...)."""
         return twohot_mean(self.reward_logits(h, offset), self.bins)
 
 
-# ==============================================================================================
-# Stepping the world model with the agent: observe a frame, imagine a frame (acting, imagine.py)
-# ==============================================================================================
+# ---- Stepping with the KV cache: observe a real frame or imagine one (acting, imagine.py) --------
 
 
 def _step_inputs(model: AgentModel, prev_action, B: int, device):
@@ -318,12 +268,8 @@ def observe(model: AgentModel, cache: common.KVCache, z: torch.Tensor, prev_acti
             task: torch.Tensor, ctx_tau: float, gen: torch.Generator | None = None,
             record: list | None = None) -> torch.Tensor:
     """Write frame t into the KV cache at τ_ctx and return the agent output h_t (B, D).
-
-    z (B, N_z, C_z) packed clean latents of frame t (from the tokenizer, or imagine_frame);
-    prev_action (B, A) = a_{t−1}, or None at t = 0; task (B,). Call under torch.no_grad() when
-    acting. record: a list that keeps the inputs (z̃, a_{t−1}, validity) of the C − 1 cached
-    frames, for reprompt.
-    """
+    z (B, N_z, C_z) packed clean latents; prev_action (B, A) = a_{t−1}, None at t = 0; task (B,).
+    record: a list keeping the inputs (z̃, a_{t−1}, validity) of the cached frames, for reprompt."""
     B, dev = z.shape[0], z.device
     tau_c, d_min = context_signal_level(ctx_tau, model.k_max), 1.0 / model.k_max
     noise = torch.randn(z[:, None].shape, generator=gen, device=dev)  # (B, 1, N_z, C_z)
@@ -340,17 +286,12 @@ def observe(model: AgentModel, cache: common.KVCache, z: torch.Tensor, prev_acti
 def reprompt(model: AgentModel, cache: common.KVCache, record: list, task: torch.Tensor,
              rows: torch.Tensor, ctx_tau: float) -> None:
     """A prompt switch while acting (not in paper): re-read the cached context of `rows` (B,) bool
-    under their new `task` (B,).
-
-    Training windows carry one task, but the cached agent tokens of the last C − 1 frames hold the
-    old prompt. The recorded inputs (the same noisy latents) run as one window under the new task
-    in a fresh cache, and `rows` take its keys/values: the next observe then equals an uncached
-    pass over the last C frames under the new task. Other rows keep their cache.
-    """
+    under their new `task` (B,), as training windows carry one task. The recorded inputs run as
+    one window in a fresh cache and `rows` take its keys/values, so the next observe equals an
+    uncached pass over the last C frames under the new task. Other rows keep their cache."""
     if not record or not rows.any():
         return
-    # (B, T_c, N_z, C_z), (B, T_c, A), (B, T_c): the recorded inputs of the cached frames
-    z, prev, valid = (torch.cat(x, 1) for x in zip(*record))
+    z, prev, valid = (torch.cat(x, 1) for x in zip(*record))  # (B, T_c, N_z, C_z), (B, T_c, A), ..
     B, T = valid.shape
     fresh = common.KVCache(cache.window)
     fresh.pos = cache.pos - T  # the same absolute frame positions (RoPE)
@@ -375,35 +316,30 @@ def imagine_frame(model: AgentModel, cache: common.KVCache, prev_action, task: t
     noise = torch.randn(shape, generator=gen, device=dev)  # (B, 1, N_z, C_z)
 
     def f(z, tau, d):  # ẑ₁ of the new frame at signal level τ and step size d
-        tau, d = torch.full((B, 1), float(tau), device=dev), torch.full((B, 1), float(d), device=dev)
-        return model(z, tau, d, prev, valid, task, cache=cache)[0].float()
+        tau_t = torch.full((B, 1), float(tau), device=dev)
+        d_t = torch.full((B, 1), float(d), device=dev)
+        return model(z, tau_t, d_t, prev, valid, task, cache=cache)[0].float()
 
     return sample_frame(f, noise, k)[:, 0]  # (B, N_z, C_z)
 
 
 def step_world_model(model: AgentModel, cache: common.KVCache, prev_action, task: torch.Tensor,
                      k: int = 4, ctx_tau: float = 0.9, gen: torch.Generator | None = None):
-    """One imagined step: frame t ~ world model given a_{t−1}, written into the cache; returns
-    (z_t (B, N_z, C_z), h_t (B, D))."""
+    """One imagined step: z_t (B, N_z, C_z) ~ world model given a_{t−1}, cached; and h_t (B, D)."""
     z = imagine_frame(model, cache, prev_action, task, k, gen)  # (B, N_z, C_z)
     return z, observe(model, cache, z, prev_action, task, ctx_tau, gen)
 
 
-# ==============================================================================================
-# Objective (Eq 9): MTP targets and masks, behaviour cloning and reward NLL
-# ==============================================================================================
+# ---- Objective (Eq 9): MTP targets, BC and reward NLL; the 50/50 data mixture (§3.3) -------------
 
 
 def mtp_targets(actions: torch.Tensor, rewards: torch.Tensor, L: int,
                 event: torch.Tensor | None = None) -> dict:
     """MTP targets of h_t for n = 0…L−1: a_{t+n} (taken at frame t+n), r_{t+n} (entering t+n).
-
-    actions (B, T, A); rewards (B, T) of the prompted task; event (B,) window position of the
-    prompted task's reward (−1: none). Returns actions (B, T, L, A), rewards (B, T, L) and the
-    boolean masks (B, T, L): `inside` (t + n < T: offsets past the end are masked, not padded),
-    `bc` (inside and t + n < event: the actions that lead up to the task), `reward` (inside,
-    except r_0 of the window's first frame, whose transition h_0 has not seen).
-    """
+    actions (B, T, A); rewards (B, T) of the prompted task; event (B,) window position of its
+    reward (−1: none). Returns actions (B, T, L, A), rewards (B, T, L) and bool masks (B, T, L):
+    `inside` (t + n < T: past the end is masked, not padded), `bc` (inside, t + n < event: the
+    actions leading up to the task), `reward` (inside, but not r_0 of frame 0: h_0 never saw it)."""
     (B, T, A), dev = actions.shape, actions.device
     j = torch.arange(T, device=dev)[:, None] + torch.arange(L, device=dev)  # (T, L) index t + n
     inside = (j < T).expand(B, T, L)  # (B, T, L)
@@ -421,11 +357,8 @@ def agent_loss(pol_logits: list[torch.Tensor], rew_logits: torch.Tensor, actions
                rewards: torch.Tensor, bc_mask: torch.Tensor, reward_mask: torch.Tensor,
                bins: torch.Tensor) -> dict:
     """Eq 9:  L = − Σ_n ln p(a_{t+n} | h_t) − Σ_n ln p(r_{t+n} | h_t)   (n = 0…L−1), masked means.
-
-    pol_logits A × (B, T, L, n_c); rew_logits (B, T, L, bins); actions (B, T, L, A); rewards
-    (B, T, L); masks (B, T, L) bool. Returns bc and reward (the two Eq 9 terms; train divides each
-    by its own running RMS) and diagnostics.
-    """
+    pol_logits A × (B, T, L, n_c); rew_logits (B, T, L, bins); actions (B, T, L, A); rewards and
+    masks (B, T, L). Returns the two terms bc and reward, and diagnostics."""
     nll_a = -action_log_prob(pol_logits, actions)  # (B, T, L) −ln π(a_{t+n} | h_t)
     nll_r = twohot_nll(rew_logits, rewards, bins)  # (B, T, L) −ln p(r_{t+n} | h_t)
     mb, mr = bc_mask.float(), reward_mask.float()
@@ -434,50 +367,33 @@ def agent_loss(pol_logits: list[torch.Tensor], rew_logits: torch.Tensor, actions
     with torch.no_grad():  # move accuracy at offset 0, for the log
         hit = (pol_logits[0][..., 0, :].argmax(-1) == actions[..., 0, 0]).float()  # (B, T)
         acc = (hit * mb[..., 0]).sum() / mb[..., 0].sum().clamp_min(1)
-        per_offset = (nll_a * mb).sum((0, 1)) / mb.sum((0, 1)).clamp_min(1)  # (L,)
-    return {"bc": bc, "reward": rew, "bc_move_acc": acc, "bc_per_offset": per_offset}
-
-
-# ==============================================================================================
-# Data: the 50/50 mixture of uniform and task-relevant sequences (§3.3)
-# ==============================================================================================
+    return {"bc": bc, "reward": rew, "bc_move_acc": acc}
 
 
 class MixtureSampler:
-    """Windows of `seq_len` frames from the latent cache: uniform ones and task-relevant ones.
-
-    latents (ΣT, N_b, D_b), actions (ΣT, A), rewards (ΣT, n_tasks): one split, episodes
-    concatenated; episodes [{"offset", "length"}]. Uniform: any window, prompted with a uniformly
-    drawn task. Relevant: a task uniformly among the tasks with events (rare rungs are not drowned
-    out), one of its events, and a window that holds it at position ≥ 1 (the action that caused
-    it is inside). Not in paper: these details of the §3.3 mixture (docs/deviations.md).
-    """
+    """Windows of a split (latents (ΣT, N_b, D_b), actions (ΣT, A), rewards (ΣT, n_tasks)). Uniform:
+    any window, a random task. Relevant: a task among those with events, one of its events, a window
+    holding it at position ≥ 1 (not in paper: these details, docs/deviations.md)."""
 
     def __init__(self, latents, actions, rewards, episodes: list[dict], seq_len: int,
                  seed: int = 0):
-        assert actions is not None and rewards is not None, \
-            "agent finetuning needs action and reward labels (a dataset without them trains " \
-            "the tokenizer and dynamics only)"
+        assert actions is not None and rewards is not None, "agent finetuning needs action and " \
+            "reward labels (a dataset without them trains the tokenizer and dynamics only)"
         self.latents, self.actions, self.rewards, self.T = latents, actions, rewards, seq_len
         self.n_tasks = rewards.shape[1]
         self.episodes = [e for e in episodes if e["length"] >= seq_len]
         assert self.episodes, f"no episode of at least {seq_len} frames"
-        self.starts = np.concatenate([np.arange(e["offset"], e["offset"] + e["length"] - seq_len + 1)
+        self.starts = np.concatenate([e["offset"] + np.arange(e["length"] - seq_len + 1)
                                       for e in self.episodes])  # every valid window start
         self.events = {}  # task -> [(global frame of the event, lowest start, highest start)]
         for e in self.episodes:
             o, n = e["offset"], e["length"]
             r = np.asarray(rewards[o:o + n]) > 0  # (n, n_tasks)
-            for t, k in zip(*np.nonzero(r)):
-                # the event at position ≥ 1 of a window inside the episode
+            for t, k in zip(*np.nonzero(r)):  # windows holding the event at position ≥ 1
                 lo, hi = max(o, o + t - seq_len + 1), min(o + n - seq_len, o + t - 1)
                 if lo <= hi:
                     self.events.setdefault(int(k), []).append((o + int(t), lo, hi))
         self.rng = np.random.default_rng(seed)
-
-    @classmethod
-    def from_cache(cls, cache: LatentCache, seq_len: int, seed: int = 0) -> "MixtureSampler":
-        return cls(cache.latents, cache.actions, cache.rewards, cache.episodes, seq_len, seed)
 
     def sample(self, n_uniform: int, n_relevant: int) -> dict:
         """Uniform rows first, then relevant rows. Returns CPU tensors: latents (B, T, N_b, D_b),
@@ -504,71 +420,6 @@ class MixtureSampler:
                 "event": torch.from_numpy(np.where(hit.any(1), hit.argmax(1), -1))}
 
 
-# ==============================================================================================
-# Acting in the real environment: the prompt ladder and the policy with its KV cache
-# ==============================================================================================
-
-
-def highest_true(hit: np.ndarray) -> np.ndarray:
-    """(B, K) bool → (B,) index of the last True per row (the highest milestone), −1 where none."""
-    return np.where(hit.any(1), hit.shape[1] - 1 - hit[:, ::-1].argmax(1), -1)
-
-
-def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
-    """The evaluator's prompt ladder (Table 6): the first task not yet achieved.
-
-    Reads the achieved milestones off the frames (B, H, W, 3) with data.decode_frames; `level`
-    (B,) is the highest milestone index seen so far (−1: none), updated in place. The built-in
-    ladder is a chain (each milestone needs all earlier ones), so "achieved" is "level ≥ task".
-    """
-    s = data.decode_frames(frames)
-    inv, table = s["inv"], (s["app"] == data.TABLE).any((1, 2))  # (B, 7), (B,)
-    seen = np.stack([inv[:, data.WOOD] > 0, table, inv[:, data.WOOD_PICK] > 0,
-                     inv[:, data.STONE_I] > 0, inv[:, data.STONE_PICK] > 0,
-                     inv[:, data.IRON_I] > 0, inv[:, data.IRON_PICK] > 0,
-                     inv[:, data.DIAMOND_I] > 0], 1)  # (B, 8) in TASKS order
-    np.maximum(level, highest_true(seen), out=level)
-    return np.minimum(level + 1, len(data.TASKS) - 1)
-
-
-class AgentPolicy:
-    """The trained policy as a data.evaluate player: per step encode the frame (tokenizer KV
-    cache), write it into the transformer's KV cache (observe), read h_t, sample a_t ~ π(· | h_t)
-    (offset 0); on a ladder prompt switch, first re-read the cached context under the new task."""
-
-    def __init__(self, model: AgentModel, tok, device, ctx_tau: float, seed: int = 0,
-                 reprompt: bool = True):
-        self.model, self.tok, self.device, self.ctx_tau = model, tok, device, ctx_tau
-        self.gen, self.reprompt = torch.Generator(device).manual_seed(seed), reprompt
-
-    def reset(self, n_envs: int) -> None:
-        self.tok_cache = common.KVCache(self.tok.encoder.window)
-        self.cache = common.KVCache(self.model.window)
-        self.prev, self.record = None, []
-        self.level, self.task = np.full(n_envs, -1), np.full(n_envs, -1)
-
-    @torch.no_grad()
-    def act(self, frames: np.ndarray) -> np.ndarray:
-        prompt = ladder_prompt(frames, self.level)  # (B,) numpy
-        task = torch.from_numpy(prompt).to(self.device)  # (B,)
-        switched = torch.from_numpy(prompt != self.task).to(self.device)  # (B,) bool
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)[:, None]  # (B, 1, H, W, 3)
-        with common.autocast(self.device):
-            if self.reprompt:
-                reprompt(self.model, self.cache, self.record, task, switched, self.ctx_tau)
-            z = pack(self.tok.encode(x, cache=self.tok_cache)).float()[:, 0]  # (B, N_z, C_z)
-            h = observe(self.model, self.cache, z, self.prev, task, self.ctx_tau, self.gen,
-                        self.record if self.reprompt else None)  # (B, D)
-            self.prev = sample_action(self.model.policy(h, offset=0), self.gen)  # (B, A) a_t
-        self.task = prompt
-        return self.prev.cpu().numpy()
-
-
-# ==============================================================================================
-# Checkpoints and training
-# ==============================================================================================
-
-
 def build_agent(agent_args: dict, dyn_args: dict, shapes: dict) -> AgentModel:
     """Rebuild the model from plain args dicts (as stored in the checkpoint)."""
     dyn = build_model(dyn_args, *shapes["latent"], shapes["action_classes"])
@@ -577,8 +428,7 @@ def build_agent(agent_args: dict, dyn_args: dict, shapes: dict) -> AgentModel:
 
 
 def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
-    """The trained agent for imagine.py. Returns (model, checkpoint dict); the checkpoint holds the
-    tokenizer path (ckpt["tokenizer"]) and the task names (ckpt["shapes"]["tasks"])."""
+    """(model, checkpoint) of a trained agent; ckpt["tokenizer"] is its tokenizer's path."""
     ckpt = common.load_checkpoint(path, "agent", "python agent.py")
     model = build_agent(ckpt["args"], ckpt["dynamics_args"], ckpt["shapes"])
     model.load_state_dict(ckpt["model"])
@@ -594,38 +444,33 @@ def train(a: Args) -> dict:
     # Parents: the dynamics model, its tokenizer and the tokenizer's latent cache.
     dyn, dyn_ckpt = load_dynamics(a.dynamics, device)
     tok_path = a.tokenizer or dyn_ckpt["parent"]["path"]
-    tok, tok_ckpt = load_tokenizer(tok_path, device)
+    tok, _ = load_tokenizer(tok_path, device)
     tok_dir = os.path.dirname(os.path.abspath(tok_path))
     train_cache = LatentCache(tok_dir, "train", seed=a.seed)
     held = LatentCache(tok_dir, "heldout", seed=a.seed + 1)
     meta, shapes = train_cache.meta, dict(dyn_ckpt["shapes"], tasks=list(train_cache.meta["tasks"]))
     if [int(n) for _, n in meta["action_components"]] != shapes["action_classes"] or \
             shapes["latent"] != [tok.n_latents // 2, 2 * tok.latent_dim]:
-        raise ValueError(
-            f"{a.dynamics} does not fit {tok_path} and its dataset (actions "
-            f"{shapes['action_classes']}, latents {shapes['latent']}): retrain it with `python "
-            f"dynamics.py --preset {a.preset} --tokenizer {tok_path} "
-            f"--out {os.path.dirname(a.dynamics)}`")
+        raise ValueError(f"{a.dynamics} does not fit {tok_path} and its dataset: retrain it with "
+                         f"`python dynamics.py --preset {a.preset} --tokenizer {tok_path} --out "
+                         f"{os.path.dirname(a.dynamics)}`")
     assert a.seq_len <= dyn.window, f"T = {a.seq_len} must not exceed the context C = {dyn.window}"
-    sampler = MixtureSampler.from_cache(train_cache, a.seq_len, a.seed)
+    sampler = MixtureSampler(train_cache.latents, train_cache.actions, train_cache.rewards,
+                             train_cache.episodes, a.seq_len, a.seed)
     if a.from_scratch:  # the "BC" baseline: the same architecture, randomly initialised
         dyn = build_model(dyn_ckpt["args"], *shapes["latent"], shapes["action_classes"]).to(device)
     model = AgentModel(dyn, len(shapes["tasks"]), a.head_hidden, a.mtp, a.bins).to(device)
     video_loss = a.video_loss and not a.from_scratch
     n_params = sum(p.numel() for p in model.parameters())
-    n_events = sum(len(v) for v in sampler.events.values())
-    print(f"agent: {n_params / 1e6:.2f}M parameters "
-          f"({'random init' if a.from_scratch else 'from ' + a.dynamics}, "
-          f"{'with' if video_loss else 'no'} video loss); tasks {shapes['tasks']}; "
-          f"L = {a.mtp} MTP offsets; {len(sampler.starts):,} windows, "
-          f"{n_events} reward events in the train split")
+    init = "random init" if a.from_scratch else "from " + a.dynamics
+    print(f"agent: {n_params / 1e6:.2f}M parameters ({init}), video loss {video_loss}, "
+          f"{sum(map(len, sampler.events.values()))} reward events in the train split")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
                             betas=(0.9, 0.95))
     norms = {k: common.RunningRMS() for k in ("video", "bc", "reward")}
     step = 0
     if a.resume:
-        ckpt = common.load_checkpoint(ckpt_path, "agent",
-                                      f"python agent.py --preset {a.preset} --out {a.out}")
+        ckpt = common.load_checkpoint(ckpt_path, "agent", f"python agent.py --out {a.out}")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         for k, v in ckpt["normalizers"].items():
@@ -650,18 +495,16 @@ def train(a: Args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device)
-    k_min, flow_frac = dyn_ckpt["args"].get("k_min", 1), dyn_ckpt["args"].get("flow_frac", 0.0)
-    boot_clip = dyn_ckpt["args"].get("boot_clip", 0.0)
+    dargs = dyn_ckpt["args"]  # the world model's Eq 4 / Eq 7 settings carry over (as in stage 1b)
     tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
-    n_rel = int(round(a.batch * a.relevant_frac))
-    n_uni = a.batch - n_rel
+    n_uni = a.batch - int(round(a.batch * a.relevant_frac))  # uniform rows; the rest: relevant
     t_start, steps_run = time.time(), 0
     while step < a.steps:
         # Per-step streams seeded from (seed, step): --resume sees exactly the batches and noise of
         # an uninterrupted run, and the data stream does not depend on model initialisation.
         sampler.rng = np.random.default_rng([a.seed, step])
         gen.manual_seed(a.seed * 1_000_003 + step)
-        b = {k: v.to(device) for k, v in sampler.sample(n_uni, n_rel).items()}
+        b = {k: v.to(device) for k, v in sampler.sample(n_uni, a.batch - n_uni).items()}
         lat, acts, task = b["latents"], b["actions"], b["task"]  # (B, T, N_b, D_b), (B, T, A), (B,)
         B, T = acts.shape[:2]
         for g in opt.param_groups:
@@ -670,25 +513,24 @@ def train(a: Args) -> dict:
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b
                 fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen,
-                                   k_min, flow_frac)
+                                   dargs.get("k_min", 1), dargs.get("flow_frac", 0.0))
 
                 def f(z, tau, d, rows=None):  # ẑ₁ of the uniform half (or its `rows`: Eq 7)
                     prev, valid, indep = row_select(fb, rows)
                     tk = task[:n_uni] if rows is None else task[:n_uni][rows]
                     return fwd(z, tau, d, prev, valid, tk, indep)[0].float()
 
-                terms["video"] = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"],
-                                                       fb["d"], model.k_max, boot_clip)["loss"]
-            # The agent pass: every row, every frame at τ_ctx, the input the heads see when acting.
-            # not in paper: the signal level the heads read (docs/deviations.md)
+                terms["video"] = shortcut_forcing_loss(
+                    f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,
+                    dargs.get("boot_clip", 0.0))["loss"]
+            # Agent pass: every frame at τ_ctx, as when acting (not in paper: docs/deviations.md)
             clean = pack(lat)  # (B, T, N_z, C_z)
             noise = torch.randn(clean.shape, generator=gen, device=device)  # (B, T, N_z, C_z)
             z_ctx = corrupt(noise, clean, tau_c)  # Eq 6 at τ_ctx
             tau = torch.full((B, T), tau_c, device=device)
             d = torch.full((B, T), d_min, device=device)
             _, h = fwd(z_ctx, tau, d, *shift_actions(acts), task)  # h (B, T, D)
-            idx = task[:, None, None].expand(B, T, 1)  # (B, T, 1)
-            rew = b["rewards"].gather(2, idx)[..., 0]  # (B, T) rewards of the prompted task
+            rew = b["rewards"][torch.arange(B, device=device), :, task]  # (B, T) prompted task's
             tgt = mtp_targets(acts, rew, a.mtp, b["event"])
             bc_mask = tgt["bc"] & b["relevant"][:, None, None]  # (B, T, L) BC on the relevant half
             eq9 = agent_loss(model.policy(h), model.reward_logits(h), tgt["actions"],
@@ -723,75 +565,81 @@ def train(a: Args) -> dict:
         "steps_per_s": steps_run / max(wall, 1e-9),
         "frames_per_s": steps_run * a.batch * a.seq_len / max(wall, 1e-9),
         "peak_mem_gb": common.peak_memory_gb(device), "params_m": n_params / 1e6,
-        "policy": policy_name(a), "from_scratch": a.from_scratch, "video_loss": video_loss,
-        "mtp": a.mtp, "eval_episodes": a.eval_episodes, "ctx_tau_used": tau_c,
-        "reprompt": a.reprompt,
-    }
+        "policy": POLICY[a.from_scratch], "from_scratch": a.from_scratch, "mtp": a.mtp,
+        "video_loss": video_loss, "eval_episodes": a.eval_episodes, "ctx_tau_used": tau_c,
+        "reprompt": a.reprompt}
     model.eval()
     t0 = time.time()
-    gen = torch.Generator(device).manual_seed(a.seed + 999)  # evaluation noise: its own stream
     policy = AgentPolicy(model, tok, device, a.ctx_tau, a.seed, a.reprompt)
-    summary.update(evaluate(model, policy, held, a, gen))
+    summary.update(evaluate(policy, meta, a))
     # measuring instruments live in agent_eval.py; imported here so the method file never
     # depends on them at import time
     import agent_eval
-    summary.update(agent_eval.report(model, policy, held, a, gen, summary.get("success"), out=a.out))
+    summary.update(agent_eval.report(model, policy, held, a, summary.get("success"), out=a.out))
     summary["eval_s"] = time.time() - t0
     common.write_json(os.path.join(a.out, "summary.json"), summary)
     print("summary:", json.dumps(summary))
     return summary
 
 
-# ==============================================================================================
-# Evaluation: the headline figures (reward diagnostics, baselines, pictures: agent_eval.py)
-# ==============================================================================================
+# ---- Acting in the real environment (ladder prompt, cached policy) and its success (§4.1) --------
 
 
-def policy_name(a: Args) -> str:
-    """This run's column in the success table: the paper's "BC" or "WM+BC" (Table 7)."""
-    return "BC (scratch)" if a.from_scratch else "WM+BC"
+def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Table 6's prompt ladder: the first task not yet achieved, read off the frames (B, H, W, 3);
+    `level` (B,), the highest milestone so far (−1: none; a chain), is updated in place."""
+    s = data.decode_frames(frames)
+    inv, table = s["inv"], (s["app"] == data.TABLE).any((1, 2))  # (B, 7), (B,)
+    seen = np.stack([inv[:, data.WOOD] > 0, table, inv[:, data.WOOD_PICK] > 0,
+                     inv[:, data.STONE_I] > 0, inv[:, data.STONE_PICK] > 0,
+                     inv[:, data.IRON_I] > 0, inv[:, data.IRON_PICK] > 0,
+                     inv[:, data.DIAMOND_I] > 0], 1)  # (B, 8) in TASKS order
+    highest = np.where(seen.any(1), seen.shape[1] - 1 - seen[:, ::-1].argmax(1), -1)  # (B,)
+    np.maximum(level, highest, out=level)
+    return np.minimum(level + 1, len(data.TASKS) - 1)
 
 
-def builtin_world(meta: dict) -> bool:
-    """Whether the dataset comes from the built-in environment, so the policy can play in it."""
-    return meta.get("generator") == "minidreamer4 data.py" and list(meta["tasks"]) == data.TASKS
+class AgentPolicy:
+    """A data.evaluate player: per step encode the frame, observe it, sample a_t ~ π(· | h_t) at
+    offset 0; when the ladder prompt switches, first re-read the cached context (reprompt)."""
+
+    def __init__(self, model: AgentModel, tok, device, ctx_tau: float, seed: int = 0,
+                 reprompt: bool = True):
+        self.model, self.tok, self.device, self.ctx_tau = model, tok, device, ctx_tau
+        self.gen, self.reprompt = torch.Generator(device).manual_seed(seed), reprompt
+
+    def reset(self, n_envs: int) -> None:
+        self.tok_cache = common.KVCache(self.tok.encoder.window)
+        self.cache = common.KVCache(self.model.window)
+        self.prev, self.record = None, []
+        self.level, self.task = np.full(n_envs, -1), np.full(n_envs, -1)
+
+    @torch.no_grad()
+    def act(self, frames: np.ndarray) -> np.ndarray:
+        dev = self.device
+        prompt = ladder_prompt(frames, self.level)  # (B,) numpy
+        task = torch.from_numpy(prompt).to(dev)  # (B,)
+        switched = torch.from_numpy(prompt != self.task).to(dev)  # (B,) bool
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(dev)[:, None]  # (B, 1, H, W, 3)
+        with common.autocast(dev):
+            if self.reprompt:
+                reprompt(self.model, self.cache, self.record, task, switched, self.ctx_tau)
+            z = pack(self.tok.encode(x, cache=self.tok_cache)).float()[:, 0]  # (B, N_z, C_z)
+            h = observe(self.model, self.cache, z, self.prev, task, self.ctx_tau, self.gen,
+                        self.record if self.reprompt else None)  # (B, D)
+            self.prev = sample_action(self.model.policy(h, offset=0), self.gen)  # (B, A) a_t
+        self.task = prompt
+        return self.prev.cpu().numpy()
 
 
-@torch.no_grad()
-def evaluate(model: AgentModel, policy: AgentPolicy, held: LatentCache, a: Args,
-             gen: torch.Generator) -> dict:
-    """The headline figures: held-out BC NLL and move accuracy (offset 0, relevant windows, frames
-    at τ_ctx as when acting), and the policy's real-environment success per task on
-    `a.eval_episodes` unseen worlds (§4.1), as {"success": {policy name: {task: {rate, stderr}}}}."""
-    device = policy.device
-    sampler = MixtureSampler.from_cache(held, a.seq_len)
-    sampler.rng = np.random.default_rng([a.seed, 999])
-    tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1.0 / model.k_max
-    nll, acc = [], []
-    for _ in range(a.eval_batches if sampler.events else 0):
-        b = sampler.sample(0, a.batch)
-        clean, acts = pack(b["latents"].to(device)), b["actions"].to(device)  # (B, T, N_z, C_z)
-        noise = torch.randn(clean.shape, generator=gen, device=device)  # (B, T, N_z, C_z)
-        tau = torch.full(acts.shape[:2], tau_c, device=device)  # (B, T)
-        d = torch.full(acts.shape[:2], d_min, device=device)  # (B, T)
-        with common.autocast(device):
-            _, h = model(corrupt(noise, clean, tau_c), tau, d, *shift_actions(acts),
-                         b["task"].to(device))  # (B, T, D)
-            pol = model.policy(h, offset=0)  # A × (B, T, n_c)
-        no_reward = torch.zeros(acts.shape[:2], device=device)
-        m = mtp_targets(acts, no_reward, 1, b["event"].to(device))["bc"][..., 0]  # (B, T)
-        nll.append(float((-action_log_prob(pol, acts) * m).sum() / m.sum()))
-        acc.append(float(((pol[0].argmax(-1) == acts[..., 0]).float() * m).sum() / m.sum()))
-    out = {"heldout_bc_nll": float(np.mean(nll)) if nll else None,  # None: no held-out events
-           "heldout_move_acc": float(np.mean(acc)) if acc else None}
-    print(f"eval: held-out BC NLL {out['heldout_bc_nll']}, move accuracy {out['heldout_move_acc']}")
-    if a.eval_episodes > 0 and builtin_world(held.meta):
-        size, ep_len = held.meta["image_size"], held.meta.get("episode_len", 256)
-        result = data.evaluate(policy, a.eval_episodes, a.seed, size, ep_len)
-        out["success"] = {policy_name(a): result["success"]}
-    elif a.eval_episodes > 0:
-        print("note: the dataset is not the built-in environment's: no real-environment evaluation")
-    return out
+def evaluate(policy: AgentPolicy, meta: dict, a: Args) -> dict:
+    """The headline figure (§4.1, Table 7): the policy's real-environment success per task on
+    `a.eval_episodes` unseen worlds, {"success": {policy name: {task: {rate, stderr}}}}."""
+    if a.eval_episodes <= 0 or meta.get("generator") != "minidreamer4 data.py":
+        return {}  # no episodes asked for, or data of another environment: nothing to play in
+    size, ep_len = meta["image_size"], meta.get("episode_len", 256)
+    result = data.evaluate(policy, a.eval_episodes, a.seed, size, ep_len)
+    return {"success": {POLICY[a.from_scratch]: result["success"]}}
 
 
 def main():

@@ -1,6 +1,6 @@
-"""Measuring instruments of stage 2 (agent.py): the reward head's event detection on held-out
-episodes, the random and contractor baselines and another run's column beside the policy's success,
-and the pictures success.png and reward_trace.png.
+"""Measuring instruments of stage 2 (agent.py): held-out BC NLL, the reward head's event detection
+on held-out episodes, the random and contractor baselines and another run's column beside the
+policy's success, and the pictures success.png and reward_trace.png.
 
 agent.py calls `report` at the end of training. Re-evaluate a finished run folder (loads
 RUN_DIR/ckpt.pt, its tokenizer and the tokenizer's latent cache; rewrites RUN_DIR/summary.json and
@@ -29,15 +29,17 @@ from tokenizer import LatentCache, load_tokenizer, pack
 
 
 def report(model: agent.AgentModel, policy: agent.AgentPolicy, held: LatentCache, a: agent.Args,
-           gen: torch.Generator, success: dict | None, out: str) -> dict:
-    """The summary keys beyond agent.evaluate's headline figures, and the pictures in `out`.
+           success: dict | None, out: str) -> dict:
+    """The summary keys beyond agent.evaluate's success rates, and the pictures in `out`.
 
-    Reward events on whole held-out episodes (noise from `gen`, after agent.evaluate's draws);
-    when the policy played (`success`: {its name: per-task rates}), the random and contractor
-    baselines on the same worlds (a.baselines), the column of the run in a.compare,
+    Held-out BC NLL and move accuracy, the reward head's event detection on whole held-out
+    episodes; when the policy played (`success`: {its name: per-task rates}), the random and
+    contractor baselines on the same worlds (a.baselines), the column of the run in a.compare,
     success.png and reward_trace.png (one more episode of the same policy).
     """
-    extra = reward_events(model, held, a.ctx_tau, gen)
+    gen = torch.Generator(policy.device).manual_seed(a.seed + 999)  # evaluation noise
+    extra = heldout_bc(model, held, a, gen)
+    extra.update(reward_events(model, held, a.ctx_tau, gen))
     print(f"reward events: precision {extra['reward_precision']:.3f}, "
           f"recall {extra['reward_recall']:.3f} ({extra['reward_events']} events), "
           f"AUC {extra['reward_auc']}")
@@ -62,14 +64,44 @@ def report(model: agent.AgentModel, policy: agent.AgentPolicy, held: LatentCache
                   f"real-environment success per task, {a.eval_episodes} evaluation worlds "
                   f"(± standard error)")
     for k in data.TASKS:
-        print(f"  {k:<20s}" + " | ".join(f"{n} {100 * s[k]['rate']:5.1f} ± {100 * s[k]['stderr']:.1f}"
-                                        for n, s in success.items()))
+        cells = [f"{n} {100 * s[k]['rate']:5.1f} ± {100 * s[k]['stderr']:.1f}"
+                 for n, s in success.items()]
+        print(f"  {k:<20s}" + " | ".join(cells))
     return extra
 
 
-# ==============================================================================================
-# The reward head on real episodes
-# ==============================================================================================
+# ---- The heads on held-out data ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_bc(model: agent.AgentModel, held: LatentCache, a: agent.Args,
+               gen: torch.Generator) -> dict:
+    """Held-out BC NLL and move accuracy at offset 0, on relevant windows (BC-masked as in training)
+    with every frame at τ_ctx, as when acting. None where the held-out split has no reward event."""
+    device = model.bins.device
+    sampler = agent.MixtureSampler(held.latents, held.actions, held.rewards, held.episodes,
+                                   a.seq_len)
+    sampler.rng = np.random.default_rng([a.seed, 999])
+    tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1.0 / model.k_max
+    nll, acc = [], []
+    for _ in range(a.eval_batches if sampler.events else 0):
+        b = sampler.sample(0, a.batch)
+        clean, acts = pack(b["latents"].to(device)), b["actions"].to(device)  # (B, T, N_z, C_z)
+        noise = torch.randn(clean.shape, generator=gen, device=device)  # (B, T, N_z, C_z)
+        tau = torch.full(acts.shape[:2], tau_c, device=device)  # (B, T)
+        d = torch.full(acts.shape[:2], d_min, device=device)  # (B, T)
+        with common.autocast(device):
+            _, h = model(corrupt(noise, clean, tau_c), tau, d, *shift_actions(acts),
+                         b["task"].to(device))  # (B, T, D)
+            pol = model.policy(h, offset=0)  # A × (B, T, n_c)
+        no_reward = torch.zeros(acts.shape[:2], device=device)  # (B, T)
+        m = agent.mtp_targets(acts, no_reward, 1, b["event"].to(device))["bc"][..., 0]  # (B, T)
+        nll.append(float((-agent.action_log_prob(pol, acts) * m).sum() / m.sum()))
+        acc.append(float(((pol[0].argmax(-1) == acts[..., 0]).float() * m).sum() / m.sum()))
+    print(f"held-out BC NLL {np.mean(nll) if nll else None}, move accuracy "
+          f"{np.mean(acc) if acc else None}")
+    return {"heldout_bc_nll": float(np.mean(nll)) if nll else None,
+            "heldout_move_acc": float(np.mean(acc)) if acc else None}
 
 
 @torch.no_grad()
@@ -160,9 +192,7 @@ def play_episode(policy: agent.AgentPolicy, seed: int, image_size: int, episode_
     return ep  # ep["pred"]: (n_tasks, T)
 
 
-# ==============================================================================================
-# Pictures
-# ==============================================================================================
+# ---- Pictures ------------------------------------------------------------------------------------
 
 
 def save_pictures(success: dict, episode: dict | None, out: str, title: str) -> None:
@@ -220,9 +250,7 @@ def save_pictures(success: dict, episode: dict | None, out: str, title: str) -> 
     plt.close(fig)
 
 
-# ==============================================================================================
-# Re-evaluating a finished run: python agent_eval.py RUN_DIR [--flags]
-# ==============================================================================================
+# ---- Re-evaluating a finished run: python agent_eval.py RUN_DIR [--flags] ------------------------
 
 EVAL_FLAGS = ("eval_episodes", "eval_batches", "baselines", "reprompt", "compare", "device")
 
@@ -248,10 +276,9 @@ def reevaluate(run_dir: str, **changes) -> dict:
     summary.update(eval_episodes=a.eval_episodes, reprompt=a.reprompt)
     model.eval()
     t0 = time.time()
-    gen = torch.Generator(device).manual_seed(a.seed + 999)  # as in agent.train
     policy = agent.AgentPolicy(model, tok, device, a.ctx_tau, a.seed, a.reprompt)
-    summary.update(agent.evaluate(model, policy, held, a, gen))
-    summary.update(report(model, policy, held, a, gen, summary.get("success"), run_dir))
+    summary.update(agent.evaluate(policy, held.meta, a))
+    summary.update(report(model, policy, held, a, summary.get("success"), run_dir))
     summary["eval_s"] = time.time() - t0
     common.write_json(summary_path, summary)
     print("summary:", json.dumps(summary))
