@@ -396,9 +396,8 @@ class MixtureSampler:
         self.rng = np.random.default_rng(seed)
 
     def sample(self, n_uniform: int, n_relevant: int) -> dict:
-        """Uniform rows first, then relevant rows. Returns CPU tensors: latents (B, T, N_b, D_b),
-        actions (B, T, A), rewards (B, T, n_tasks), task (B,), relevant (B,) bool, event (B,)
-        (position of the prompted task's first reward in the window, −1 if none)."""
+        """Uniform rows, then relevant ones: latents (B, T, N_b, D_b), actions (B, T, A), rewards
+        (B, T, n_tasks), task, relevant, event (B,) (where the task is rewarded, or −1)."""
         if n_relevant and not self.events:
             raise ValueError("no reward events in this split: no task-relevant windows to sample")
         starts = list(self.rng.choice(self.starts, size=n_uniform))
@@ -470,7 +469,8 @@ def train(a: Args) -> dict:
     norms = {k: common.RunningRMS() for k in ("video", "bc", "reward")}
     step = 0
     if a.resume:
-        ckpt = common.load_checkpoint(ckpt_path, "agent", f"python agent.py --out {a.out}")
+        how = f"python agent.py --preset {a.preset} --out {a.out}"  # the run that writes it
+        ckpt = common.load_checkpoint(ckpt_path, "agent", how)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         for k, v in ckpt["normalizers"].items():

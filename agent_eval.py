@@ -98,10 +98,10 @@ def heldout_bc(model: agent.AgentModel, held: LatentCache, a: agent.Args,
         m = agent.mtp_targets(acts, no_reward, 1, b["event"].to(device))["bc"][..., 0]  # (B, T)
         nll.append(float((-agent.action_log_prob(pol, acts) * m).sum() / m.sum()))
         acc.append(float(((pol[0].argmax(-1) == acts[..., 0]).float() * m).sum() / m.sum()))
-    print(f"held-out BC NLL {np.mean(nll) if nll else None}, move accuracy "
-          f"{np.mean(acc) if acc else None}")
-    return {"heldout_bc_nll": float(np.mean(nll)) if nll else None,
-            "heldout_move_acc": float(np.mean(acc)) if acc else None}
+    out = {"heldout_bc_nll": float(np.mean(nll)) if nll else None,
+           "heldout_move_acc": float(np.mean(acc)) if acc else None}
+    print(f"held-out BC NLL {out['heldout_bc_nll']}, move accuracy {out['heldout_move_acc']}")
+    return out
 
 
 @torch.no_grad()
@@ -259,6 +259,7 @@ def reevaluate(run_dir: str, **changes) -> dict:
     """Evaluate RUN_DIR/ckpt.pt as train() does at its end, with the run's own arguments except
     `changes` (fields of EVAL_FLAGS); rewrite RUN_DIR/summary.json (training keys kept) and the
     pictures. Returns the summary."""
+    assert set(changes) <= set(EVAL_FLAGS), f"only {EVAL_FLAGS} can change, got {sorted(changes)}"
     path = os.path.join(run_dir, "ckpt.pt")
     model, ckpt = agent.load_agent(path)
     known = {f.name for f in dataclasses.fields(agent.Args)}
@@ -279,6 +280,10 @@ def reevaluate(run_dir: str, **changes) -> dict:
     policy = agent.AgentPolicy(model, tok, device, a.ctx_tau, a.seed, a.reprompt)
     summary.update(agent.evaluate(policy, held.meta, a))
     summary.update(report(model, policy, held, a, summary.get("success"), run_dir))
+    if "success" not in summary:  # no episode played: the old pictures no longer apply
+        for name in ("success.png", "reward_trace.png"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
     summary["eval_s"] = time.time() - t0
     common.write_json(summary_path, summary)
     print("summary:", json.dumps(summary))

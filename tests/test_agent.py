@@ -858,6 +858,14 @@ def test_agent_eval_flags_override_the_run_arguments(smoke_runs, tmp_path):
     assert s["eval_episodes"] == 0 and s["steps"] == 6  # the training keys stay
 
 
+def test_agent_eval_without_episodes_removes_the_old_pictures(smoke_runs, tmp_path):
+    copy = str(tmp_path / "full")
+    shutil.copytree(smoke_runs[1]["full"], copy)
+    agent_eval.main([copy, "--eval-episodes", "0"])
+    assert not os.path.exists(os.path.join(copy, "success.png"))
+    assert not os.path.exists(os.path.join(copy, "reward_trace.png"))
+
+
 def test_missing_dynamics_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="python dynamics.py"):
         ag.train(agent_args("--dynamics", str(tmp_path / "no.pt"), "--out", str(tmp_path / "o")))
