@@ -7,8 +7,8 @@ Writes: runs/agent/  ckpt.pt, args.json, metrics.jsonl, summary.json, success.pn
 
 Run:
     python agent.py                       # default preset: one GPU, after dynamics.py
-    python agent.py --preset cpu --from-scratch --out runs/cpu/agent_scratch   # the BC baseline,
-    python agent.py --preset cpu          # then WM+BC; its success.png shows both
+    python agent.py --preset cpu --from-scratch --out runs/cpu/agent_scratch   # BC baseline
+    python agent.py --preset cpu          # WM+BC; its success.png shows both
     python agent.py --preset smoke        # seconds; used by the tests
     python agent_eval.py runs/cpu/agent   # re-evaluate a finished run (summary.json, pictures)
 
@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import data
+import environment
 from dynamics import (DynamicsModel, build_model, context_signal_level, corrupt, forcing_batch,
                       load_dynamics, row_select, sample_frame, shift_actions, shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
@@ -340,7 +340,8 @@ def mtp_targets(actions: torch.Tensor, rewards: torch.Tensor, L: int,
     reward (−1: none). Returns actions (B, T, L, A), rewards (B, T, L) and bool masks (B, T, L):
     `inside` (t + n < T: past the end is masked, not padded), `bc` (inside, t + n < event: the
     actions leading up to the task), `reward` (inside, but not r_0 of frame 0: h_0 never saw it)."""
-    (B, T, A), dev = actions.shape, actions.device
+    B, T, A = actions.shape
+    dev = actions.device
     j = torch.arange(T, device=dev)[:, None] + torch.arange(L, device=dev)  # (T, L) index t + n
     inside = (j < T).expand(B, T, L)  # (B, T, L)
     jc = j.clamp(max=T - 1)  # in-range index for the gather; masked entries are never used
@@ -588,20 +589,19 @@ def train(a: Args) -> dict:
 def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
     """Table 6's prompt ladder: the first task not yet achieved, read off the frames (B, H, W, 3);
     `level` (B,), the highest milestone so far (−1: none; a chain), is updated in place."""
-    s = data.decode_frames(frames)
-    inv, table = s["inv"], (s["app"] == data.TABLE).any((1, 2))  # (B, 7), (B,)
-    seen = np.stack([inv[:, data.WOOD] > 0, table, inv[:, data.WOOD_PICK] > 0,
-                     inv[:, data.STONE_I] > 0, inv[:, data.STONE_PICK] > 0,
-                     inv[:, data.IRON_I] > 0, inv[:, data.IRON_PICK] > 0,
-                     inv[:, data.DIAMOND_I] > 0], 1)  # (B, 8) in TASKS order
+    s = environment.decode_frames(frames)
+    inv, table = s["inv"], (s["app"] == environment.TABLE).any((1, 2))  # (B, 7), (B,)
+    seen = np.stack([inv[:, environment.WOOD] > 0, table, inv[:, environment.WOOD_PICK] > 0,
+                     inv[:, environment.STONE_I] > 0, inv[:, environment.STONE_PICK] > 0,
+                     inv[:, environment.IRON_I] > 0, inv[:, environment.IRON_PICK] > 0,
+                     inv[:, environment.DIAMOND_I] > 0], 1)  # (B, 8) in TASKS order
     highest = np.where(seen.any(1), seen.shape[1] - 1 - seen[:, ::-1].argmax(1), -1)  # (B,)
     np.maximum(level, highest, out=level)
-    return np.minimum(level + 1, len(data.TASKS) - 1)
+    return np.minimum(level + 1, len(environment.TASKS) - 1)
 
 
 class AgentPolicy:
-    """A data.evaluate player: per step encode the frame, observe it, sample a_t ~ π(· | h_t) at
-    offset 0; when the ladder prompt switches, first re-read the cached context (reprompt)."""
+    """Plays in environment.evaluate: encode, observe, sample a_t ~ π(· | h_t); reprompt on a switch."""
 
     def __init__(self, model: AgentModel, tok, device, ctx_tau: float, seed: int = 0,
                  reprompt: bool = True):
@@ -638,7 +638,7 @@ def evaluate(policy: AgentPolicy, meta: dict, a: Args) -> dict:
     if a.eval_episodes <= 0 or meta.get("generator") != "minidreamer4 data.py":
         return {}  # no episodes asked for, or data of another environment: nothing to play in
     size, ep_len = meta["image_size"], meta.get("episode_len", 256)
-    result = data.evaluate(policy, a.eval_episodes, a.seed, size, ep_len)
+    result = environment.evaluate(policy, a.eval_episodes, a.seed, size, ep_len)
     return {"success": {POLICY[a.from_scratch]: result["success"]}}
 
 

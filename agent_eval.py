@@ -23,7 +23,7 @@ import torch
 
 import agent
 import common
-import data
+import environment
 from dynamics import context_signal_level, corrupt, shift_actions
 from tokenizer import LatentCache, load_tokenizer, pack
 
@@ -48,9 +48,10 @@ def report(model: agent.AgentModel, policy: agent.AgentPolicy, held: LatentCache
     success, name = dict(success), next(iter(success))
     size, ep_len = held.meta["image_size"], held.meta.get("episode_len", 256)
     if a.baselines:
-        for label, player in (("random", data.RandomPolicy(a.seed)),
-                              ("contractors", data.ContractorPolicy(a.seed))):
-            success[label] = data.evaluate(player, a.eval_episodes, a.seed, size, ep_len)["success"]
+        for label, player in (("random", environment.RandomPolicy(a.seed)),
+                              ("contractors", environment.ContractorPolicy(a.seed))):
+            result = environment.evaluate(player, a.eval_episodes, a.seed, size, ep_len)
+            success[label] = result["success"]
     other = os.path.abspath(os.path.dirname(a.compare)) if a.compare else None
     if other and other != os.path.abspath(out) and os.path.exists(a.compare):
         theirs = json.load(open(a.compare))
@@ -58,12 +59,12 @@ def report(model: agent.AgentModel, policy: agent.AgentPolicy, held: LatentCache
             success[theirs["policy"]] = theirs["success"][theirs["policy"]]
             extra["compared_with"] = a.compare
     extra["success"] = success
-    episode = play_episode(policy, data.episode_seed(a.seed, "eval", 10 ** 6), size, ep_len)
+    episode = play_episode(policy, environment.episode_seed(a.seed, "eval", 10 ** 6), size, ep_len)
     order = ["random", "contractors", "BC (scratch)", "WM+BC"]
     save_pictures({k: success[k] for k in sorted(success, key=order.index)}, episode, out,
                   f"real-environment success per task, {a.eval_episodes} evaluation worlds "
                   f"(± standard error)")
-    for k in data.TASKS:
+    for k in environment.TASKS:
         cells = [f"{n} {100 * s[k]['rate']:5.1f} ± {100 * s[k]['stderr']:.1f}"
                  for n, s in success.items()]
         print(f"  {k:<20s}" + " | ".join(cells))
@@ -168,10 +169,10 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 def play_episode(policy: agent.AgentPolicy, seed: int, image_size: int, episode_len: int) -> dict:
     """One real-environment episode of the policy: frames, actions, rewards, prompts, and
     afterwards the reward head's r̂_t for every task prompt along it (for reward_trace.png)."""
-    env = data.Env(image_size, episode_len)
+    env = environment.Env(image_size, episode_len)
     frame = env.reset(seed)
     policy.reset(1)
-    rec = {"frames": [], "actions": [], "rewards": [np.zeros(len(data.TASKS), np.float32)],
+    rec = {"frames": [], "actions": [], "rewards": [np.zeros(len(environment.TASKS), np.float32)],
            "task": []}
     for t in range(episode_len):
         rec["frames"].append(frame)
@@ -233,7 +234,8 @@ def save_pictures(success: dict, episode: dict | None, out: str, title: str) -> 
         star = t in events
         ax.set_title(f"t={t}" + (" ★" if star else ""), fontsize=7, color="C3" if star else "k")
     ax = fig.add_subplot(2, 1, 2)
-    for k, name in enumerate(data.TASKS):  # r̂_t per prompt (lines), true events (▼), one colour
+    # r̂_t per prompt (lines), true events (▼), one colour per task
+    for k, name in enumerate(environment.TASKS):
         ax.plot(episode["pred"][k], lw=0.8, color=f"C{k}", label=name)
         hit = np.nonzero(episode["rewards"][:, k] > 0)[0]
         ax.plot(hit, np.ones(len(hit)) * 1.1, "v", color=f"C{k}", ms=7)

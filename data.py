@@ -57,12 +57,6 @@ import torch
 import environment
 from common import parse_args, seed_everything
 
-# TEMPORARY (merge): names moved to environment.py, still read as data.<name> by other files.
-from environment import (  # noqa: F401
-    DIAMOND_I, IRON_I, IRON_PICK, STONE_I, STONE_PICK, TABLE, TASKS, WOOD, WOOD_PICK,
-    ContractorPolicy, Env, RandomPolicy, decode_frames, episode_seed, evaluate, rollout)
-# end TEMPORARY
-
 BUILTIN = {"diamond64": "default", "diamond32": "cpu", "smoke": "smoke"}  # dataset name -> preset
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # what --from-frames imports
 GENERATOR = "minidreamer4 data.py"  # meta.json "generator" of the datasets `generate` writes

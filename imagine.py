@@ -49,6 +49,7 @@ import torch
 import agent as ag
 import common
 import data
+import environment
 from dynamics import context_signal_level, corrupt, shift_actions
 from tokenizer import LatentCache, load_tokenizer, pack
 
@@ -400,10 +401,10 @@ class swap_policy:
 
 def evaluate_success(model: ag.AgentModel, tok, device, ctx_tau: float, episodes: int, seed: int,
                      meta: dict, reprompt: bool = True) -> dict:
-    """Real-environment success per task of the model's policy (data.evaluate: held-out worlds)."""
+    """Real-environment success per task of the model's policy (held-out worlds)."""
     policy = ag.AgentPolicy(model, tok, device, ctx_tau, seed, reprompt)
     size, ep_len = meta["image_size"], meta.get("episode_len", 256)
-    return data.evaluate(policy, episodes, seed, size, ep_len)["success"]
+    return environment.evaluate(policy, episodes, seed, size, ep_len)["success"]
 
 
 def evaluate(model: ag.AgentModel, prior: ag.MTPHead, tok, device, ctx_tau: float, meta: dict,
@@ -421,7 +422,8 @@ def evaluate(model: ag.AgentModel, prior: ag.MTPHead, tok, device, ctx_tau: floa
 
 def builtin_env(meta: dict) -> bool:
     """Whether the dataset comes from data.py's environment (then the real environment exists)."""
-    return meta.get("generator") == "minidreamer4 data.py" and list(meta["tasks"]) == data.TASKS
+    from_data_py = meta.get("generator") == data.GENERATOR
+    return from_data_py and list(meta["tasks"]) == environment.TASKS
 
 
 # ==============================================================================================

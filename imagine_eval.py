@@ -12,11 +12,11 @@ The README table varies the seed of the agent, of the BC baseline and of this st
 and the dynamics model are shared across seeds.
 
 Beyond the paper, imagined vs real: from held-out states shortly before a reward event (the real
-episode is replayed to that state: data.Env is deterministic given its world seed and the recorded
-actions) each policy is rolled out H steps both in imagination and in the real environment. Does
-the world model rank the policies as the real environment does? The recorded contractor actions,
-replayed open loop, succeed in reality by construction, so their imagined success is the world
-model's recall of reward events.
+episode is replayed to that state: environment.Env is deterministic given its world seed and the
+recorded actions) each policy is rolled out H steps both in imagination and in the real
+environment. Does the world model rank the policies as the real environment does? The recorded
+contractor actions, replayed open loop, succeed in reality by construction, so their imagined
+success is the world model's recall of reward events.
 
 Writes (into the run folder): success.png, success_curve.png, imagined_vs_real.png, rollout.png.
 """
@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 import agent as ag
+import agent_eval
 import common
-import data
+import environment
 import imagine
 from tokenizer import LatentCache, load_tokenizer, pack, unpack
 
@@ -72,10 +73,11 @@ def with_baselines(success: dict, meta: dict, a: imagine.Args) -> dict:
     success, on the same worlds; draw success.png and print the table."""
     success = dict(success)
     size, ep_len = meta["image_size"], meta.get("episode_len", 256)
-    players = (("random", data.RandomPolicy(a.seed)),
-               ("contractors", data.ContractorPolicy(a.seed)))
+    players = (("random", environment.RandomPolicy(a.seed)),
+               ("contractors", environment.ContractorPolicy(a.seed)))
     for label, player in players:
-        success[label] = data.evaluate(player, a.eval_episodes, a.seed, size, ep_len)["success"]
+        result = environment.evaluate(player, a.eval_episodes, a.seed, size, ep_len)
+        success[label] = result["success"]
     out = {}
     if a.compare and os.path.exists(a.compare):
         theirs = json.load(open(a.compare))
@@ -87,9 +89,8 @@ def with_baselines(success: dict, meta: dict, a: imagine.Args) -> dict:
     out["success"] = dict(sorted(success.items(), key=policy_rank))
     title = (f"real-environment success per task, {a.eval_episodes} evaluation worlds "
              f"(± standard error)")
-    # TODO(merge): agent_eval.save_pictures
-    ag.save_pictures(out["success"], None, a.out, title)
-    for k in data.TASKS:
+    agent_eval.save_pictures(out["success"], None, a.out, title)
+    for k in environment.TASKS:
         cells = [f"{n} {100 * s[k]['rate']:5.1f} ± {100 * s[k]['stderr']:.1f}"
                  for n, s in out["success"].items()]
         print(f"  {k:<20s}" + " | ".join(cells))
@@ -198,14 +199,15 @@ def probe_states(held: LatentCache, n_per_task: int, context: int, horizon: int,
 
 def replay_starts(starts: list[dict], meta: dict, context: int, horizon: int) -> dict:
     """Replay each start's held-out episode in the real environment up to its frame t0 (same
-    world seed, the recorded actions: the same frames, data.Env is deterministic). Returns the
-    envs, the context frames (B, T_c, H, W, 3) uint8 and actions (B, T_c, A), and the
+    world seed, the recorded actions: the same frames, environment.Env is deterministic).
+    Returns the envs, the context frames (B, T_c, H, W, 3) uint8 and actions (B, T_c, A), and the
     contractor's next `horizon` recorded actions (B, H, A), no-ops past the episode's end."""
     root, envs, frames, actions, future = meta["_root"], [], [], [], []
     for s in starts:
         ep = np.load(os.path.join(root, s["id"] + ".npz"))
-        env = data.Env(meta["image_size"], episode_len=10 ** 9)  # may run past the episode's end
-        f = [env.reset(data.episode_seed(meta["seed"], "data", int(s["id"][2:])))]
+        # may run past the recorded episode's end
+        env = environment.Env(meta["image_size"], episode_len=10 ** 9)
+        f = [env.reset(environment.episode_seed(meta["seed"], "data", int(s["id"][2:])))]
         for t in range(s["t0"]):
             f.append(env.step(ep["actions"][t])[0])
         assert np.array_equal(f[-1], ep["frames"][s["t0"]]), \
@@ -292,7 +294,7 @@ def probe_summary(res: dict, n_tasks: int) -> dict:
     for k in range(n_tasks):
         m = res["task"] == k
         if m.any():
-            name = data.TASKS[k] if k < len(data.TASKS) else str(k)
+            name = environment.TASKS[k] if k < len(environment.TASKS) else str(k)
             out[name] = {"n": int(m.sum()),
                          "imagined": float(res["imag_success"][m].mean()),
                          "real": float(res["real_success"][m].mean()),
@@ -366,7 +368,7 @@ def save_curve(curve: list[dict], out: str) -> None:
 
 
 def task_order(name: str) -> int:
-    return data.TASKS.index(name) if name in data.TASKS else 0
+    return environment.TASKS.index(name) if name in environment.TASKS else 0
 
 
 def save_probe_picture(probes: dict, out: str, horizon: int) -> None:

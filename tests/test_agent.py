@@ -21,6 +21,7 @@ import agent as ag
 import agent_eval
 import common
 import data
+import environment
 import dynamics as dy
 import tokenizer as tk
 from conftest import run
@@ -678,15 +679,15 @@ def test_reprompt_check_has_power_sliding_differs_from_rereading():
 # ---- Acting: the evaluation prompt ladder (Table 6) ----------------------------------------------
 
 def test_ladder_prompt_follows_the_achievements_of_real_episodes():
-    seeds = [data.episode_seed(0, "eval", i) for i in range(4)]
-    ep = data.rollout(data.ContractorPolicy(3), seeds, 32, 256)
+    seeds = [environment.episode_seed(0, "eval", i) for i in range(4)]
+    ep = environment.rollout(environment.ContractorPolicy(3), seeds, 32, 256)
     assert ep["rewards"][:, :, 3].sum() >= 1  # precondition: episodes climb past the first rungs
     level, agree = np.full(4, -1), []
     for t in range(256):
         prompt = ag.ladder_prompt(ep["frames"][:, t], level)
         done = ep["rewards"][:, :t + 1].max(1) > 0  # (4, n_tasks): achieved by frame t
-        true_level = np.where(done.any(1), len(data.TASKS) - 1 - done[:, ::-1].argmax(1), -1)
-        agree.append(prompt == np.minimum(true_level + 1, len(data.TASKS) - 1))
+        true_level = np.where(done.any(1), len(environment.TASKS) - 1 - done[:, ::-1].argmax(1), -1)
+        agree.append(prompt == np.minimum(true_level + 1, len(environment.TASKS) - 1))
     assert np.mean(agree) > 0.98, np.mean(agree)  # (wood stolen on the step it was mined: a delay)
 
 
@@ -786,7 +787,7 @@ def test_smoke_summary_holds_the_headline_and_diagnostic_figures(smoke_runs):
                 "heldout_bc_nll", "heldout_move_acc", "success"):
         assert key in s, key
     assert s["stage"] == "agent" and s["steps"] == 6 and s["policy"] == "WM+BC"
-    assert set(s["success"]["WM+BC"]) == set(data.TASKS)
+    assert set(s["success"]["WM+BC"]) == set(environment.TASKS)
 
 
 def test_smoke_summary_shows_every_policy_column(smoke_runs):
@@ -814,7 +815,7 @@ def test_checkpoint_chains_to_the_dynamics_checkpoint(smoke_runs):
 def test_load_agent_rebuilds_the_trained_model(smoke_runs):
     path = os.path.join(smoke_runs[1]["full"], "ckpt.pt")
     model, _ = ag.load_agent(path)
-    assert model.mtp == 8 and model.n_tasks == len(data.TASKS)
+    assert model.mtp == 8 and model.n_tasks == len(environment.TASKS)
     saved = torch.load(path, weights_only=True)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
