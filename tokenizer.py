@@ -281,7 +281,8 @@ def build_tokenizer(a: dict) -> Tokenizer:
 def load_tokenizer(path: str = "runs/tokenizer/ckpt.pt", device="cpu"):
     """Frozen, eval-mode tokenizer for the later stages. Returns (model, checkpoint dict)."""
     run_dir = os.path.normpath(os.path.dirname(path))
-    preset = next((n for n, p in PRESETS.items() if p["out"] == run_dir), "default")
+    preset = next((n for n, p in PRESETS.items() if os.path.normpath(p["out"]) == run_dir),
+                  "default")
     how = f"python tokenizer.py --preset {preset} --out {run_dir}"  # the command that writes it
     ckpt = common.load_checkpoint(path, "tokenizer", how)
     model = build_tokenizer(ckpt["args"])
