@@ -1,8 +1,9 @@
 """Tests of the causal tokenizer (tokenizer.py, §3.1, Eq 5; App A) and of tokenizer_eval.py.
 
-Exercises (README "Equation map and exercises"):
-    Eq 5 tokenizer_loss:            python -m pytest tests/test_tokenizer.py -k eq5
-    §3.1 encoder_mask, decoder_mask: python -m pytest tests/test_tokenizer.py -k mask_matches_hand_written
+Exercises (README "Equation map and exercises") and their grading commands:
+    Eq 5  tokenizer_loss                python -m pytest tests/test_tokenizer.py -k eq5
+    §3.1  encoder_mask, decoder_mask
+          python -m pytest tests/test_tokenizer.py -k mask_matches_hand_written
 """
 
 import json
@@ -481,7 +482,7 @@ def test_episode_encoding_equals_the_training_window_ending_at_each_frame(long_e
                                        atol=1e-5, rtol=1e-4)
 
 
-# ---------------------------------------------------------------- pipeline: smoke run, cache, resume
+# ---------------------------------------------------------------- pipeline: smoke run, resume
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
