@@ -47,7 +47,7 @@ def blocky_frames(B, T, size=16, tile=4, seed=0):
 def table(mask, names):
     """A boolean attention mask as text: one row per query, one column per key."""
     head = "query\\key " + " ".join(names)
-    rows = [f"{names[i]:>9} " + " ".join("1" if v else "." for v in row)
+    rows = [f"{names[i]:>9} " + " ".join(f"{'1' if v else '.':>2}" for v in row)
             for i, row in enumerate(mask.tolist())]
     return "\n".join([head, *rows])
 
@@ -260,12 +260,12 @@ def test_mae_mask_replaces_patches_with_learned_embedding():
 
 # ---------------------------------------------------------------- Eq 5 loss (exercise)
 
-def norms(ms_mse=None, ms_lpips=None):
+def norms(ms_mse=None, ms_lpips=None, decay=0.99):
     """Fresh running-RMS normalisers, or ones that have already seen a step (ms given)."""
     out = {"mse": common.RunningRMS(), "lpips": common.RunningRMS()}
     for key, ms in (("mse", ms_mse), ("lpips", ms_lpips)):
         if ms is not None:
-            out[key].load_state_dict({"ms": ms, "count": 1, "decay": 0.99, "floor": 1e-3})
+            out[key].load_state_dict({"ms": ms, "count": 1, "decay": decay, "floor": 1e-6})
     return out
 
 
@@ -334,11 +334,13 @@ def test_eq5_divides_by_a_running_estimate_of_the_rms():
 
 
 def test_eq5_rms_is_a_constant_for_the_gradient():
+    # First step: RMS = L_MSE itself; as a constant it still passes the MSE gradient through
+    # (differentiating through it would make L ≡ 1 and the gradient 0).
     recon, target = error_in_one_patch()
     mse = float((recon - target).pow(2).mean())
-    want = 2 * (recon - target) / target.numel() / rms_after(1.0, mse)
+    want = 2 * (recon - target) / target.numel() / mse
     recon.requires_grad_()
-    tk.tokenizer_loss(recon, target, None, norms(ms_mse=1.0))["loss"].backward()
+    tk.tokenizer_loss(recon, target, None, norms())["loss"].backward()
     assert recon.grad is not None, "the loss does not depend on recon"
     ratio = float((recon.grad * want).sum() / want.pow(2).sum())  # 1 if the gradients agree
     assert torch.allclose(recon.grad, want, rtol=1e-4, atol=1e-9), (
@@ -350,8 +352,11 @@ def test_eq5_adds_lpips_weighted_02_each_term_over_its_own_rms():
     recon, target = error_in_one_patch()
     mse = float((recon - target).pow(2).mean())
     lp = float(2 * (recon - target).abs().mean())  # FakeLPIPS on images in [−1, 1]
-    out = tk.tokenizer_loss(recon, target, FakeLPIPS(), norms(ms_mse=1.0, ms_lpips=4.0), 0.2)
-    want = mse / rms_after(1.0, mse) + 0.2 * lp / rms_after(4.0, lp)
+    # Normalisers that have seen one earlier step of a similar size; decay 0.5: this step counts.
+    ms_mse, ms_lp = (mse / 2) ** 2, (lp / 2) ** 2
+    n = norms(ms_mse=ms_mse, ms_lpips=ms_lp, decay=0.5)
+    out = tk.tokenizer_loss(recon, target, FakeLPIPS(), n, 0.2)
+    want = mse / rms_after(ms_mse, mse, 0.5) + 0.2 * lp / rms_after(ms_lp, lp, 0.5)
     assert float(out["loss"]) == pytest.approx(want, rel=1e-5), (
         f"expected L_MSE/RMS(L_MSE) + 0.2·L_LPIPS/RMS(L_LPIPS) = {want:.6g}, got "
         f"{float(out['loss']):.6g}. Check: the weight 0.2 multiplies the normalised LPIPS term; "
