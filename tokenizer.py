@@ -189,10 +189,9 @@ class Tokenizer(nn.Module):
         self.register_buffer("pos", pos, persistent=False)
         self.register_buffer("enc_mask", encoder_mask(self.n_patches, n_latents), persistent=False)
         self.register_buffer("dec_mask", decoder_mask(self.n_patches, n_latents), persistent=False)
+        transformer = partial(common.SpaceTimeTransformer, width, depth, heads, heads,
+                              window=window, soft_cap=soft_cap, space_rope_base=space_rope_base)
 
-        def transformer():
-            return common.SpaceTimeTransformer(width, depth, heads, heads, window=window,
-                                               soft_cap=soft_cap, space_rope_base=space_rope_base)
         # Encoder: patch embedding, learned MAE mask embedding, learned latent tokens.
         self.patch_embed = nn.Linear(patch * patch * 3, width)
         self.mask_token = nn.Parameter(torch.randn(width) * 0.02)
