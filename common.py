@@ -3,28 +3,16 @@
 Everything in this file is used by more than one stage. Objectives, samplers and training loops
 live in their stage files (tokenizer.py, dynamics.py, agent.py, imagine.py), never here.
 
-Paper coverage (PAPER.md §3, "Efficient transformer"):
-  - pre-layer RMSNorm, RoPE, SwiGLU MLP                          -> RMSNorm, rope_angles, SwiGLU
-  - QKNorm and attention-logit soft capping                      -> Attention, attend
-  - separate space-only and time-only attention, time attention
-    only every 4th layer, causal in time                         -> SpaceTimeTransformer
-  - GQA (several query heads share one KV head)                  -> Attention(n_kv_heads=...)
-  - a KV cache over the time axis for fast generation            -> KVCache
-  - "all loss terms are divided by running estimates of their RMS" (§3 intro) -> RunningRMS
+Paper coverage (§3.4 "Efficient transformer", §3 intro):
+  - pre-layer RMSNorm, RoPE, SwiGLU MLP                    -> RMSNorm, rope_angles, SwiGLU
+  - QKNorm and attention-logit soft capping                -> Attention, attend
+  - separate space-only and time-only attention, time
+    attention only every 4th layer, causal in time         -> SpaceTimeTransformer, time_mask
+  - GQA (several query heads share one KV head)            -> Attention(n_kv_heads=...)
+  - a KV cache over the time axis for fast generation      -> KVCache
+  - "all loss terms are divided by running estimates of their RMS" -> RunningRMS
 
-Deviations and ambiguities (each also noted where it applies):
-  - Soft-cap value 50 (tanh form, as Gemma 2): the paper cites soft capping but gives no value.
-  - Soft capping needs the raw logits, which F.scaled_dot_product_attention never exposes. With a
-    soft cap we therefore compute attention explicitly (matmul, tanh, mask, softmax); without one
-    (`soft_cap=0`) we call F.scaled_dot_product_attention and get the fused GPU kernels.
-    Both paths are tested to agree when the cap cannot bind.
-  - Time attention lets every token attend to the *same* token slot in earlier frames (axial
-    attention). The paper does not say which tokens take part in time attention.
-  - The time-attention window C: a query at frame t sees frames t−C+1 … t (C frames including
-    itself). The paper says "context length C" without defining the boundary.
-  - Spatial RoPE is 2-D axial (half of each head's channels rotate with the row, half with the
-    column). Tokens that have no grid position (latents, registers, actions, (τ, d)) get
-    position (0, 0): they are told apart by their learned embeddings. Not in paper.
+Deviations from the paper and choices it leaves open: docs/deviations.md (section `common.py`).
 
 Shape legend (used in every file):
   B batch, T time (frames), N tokens per frame, D model width, H/W pixels, C channels,
@@ -50,11 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ==============================================================================================
-# Model primitives
-# ==============================================================================================
-
-
+# ------------------------------------------------------------------------------- Model primitives
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · g   (pre-layer norm of §3.4; also QKNorm's norm)."""
 
@@ -84,28 +68,30 @@ class SwiGLU(nn.Module):
 
 
 def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Rotation angles θ_{p,i} = p · base^(−2i/dim) for RoPE over `dim` channels.
-
-    positions: (..., S) integer or float positions.  Returns (..., S, dim/2) angles.
-    """
-    freqs = base ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)  # (dim/2,)
+    """RoPE angles θ_{p,i} = p · base^(−2i/dim) over `dim` channels: (..., S) → (..., S, dim/2)."""
+    i2 = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device)  # (dim/2,) = 2i
+    freqs = base ** (-i2 / dim)  # (dim/2,)
     return positions.float().unsqueeze(-1) * freqs  # (..., S, dim/2)
 
 
-def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+def rope_angles_2d(rows: torch.Tensor, cols: torch.Tensor, dim: int,
+                   base: float = 10000.0) -> torch.Tensor:
     """Axial 2-D RoPE angles: half of the channel pairs rotate with the row, half with the column.
 
-    rows, cols: (S,) integer grid coordinates.  Returns (S, dim/2) angles.
+    rows, cols: (S,) integer grid coordinates.  Returns (S, dim/2) angles. Not in paper: the
+    paper does not say how space positions are encoded (docs/deviations.md).
     """
     assert dim % 4 == 0, f"2-D RoPE needs head width divisible by 4, got {dim}"
-    return torch.cat([rope_angles(rows, dim // 2, base), rope_angles(cols, dim // 2, base)], dim=-1)  # (S, dim/2)
+    row_angles = rope_angles(rows, dim // 2, base)  # (S, dim/4)
+    col_angles = rope_angles(cols, dim // 2, base)  # (S, dim/4)
+    return torch.cat([row_angles, col_angles], dim=-1)  # (S, dim/2)
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (x_{2i}, x_{2i+1}) by θ_i: the RoPE of Su et al., used in §3.4.
 
     x: (..., S, Dh);  angles: (S, Dh/2) broadcast over the leading dims.
-    Property tested in tests/test_common.py: ⟨rope(q, p), rope(k, p′)⟩ depends only on p − p′.
+    Property (tested): ⟨rope(q, p), rope(k, p′)⟩ depends only on p − p′.
     """
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (S, Dh/2)
     x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., S, Dh/2) each
@@ -118,8 +104,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """softmax(cap·tanh(q·kᵀ/(√Dh·cap)) + mask) v   — attention with the §3.4 logit soft cap.
 
     q: (B, Hq, S, Dh); k, v: (B, Hk, S', Dh) with Hq a multiple of Hk (GQA: query head h reads
-    key/value head h // (Hq/Hk)); mask: boolean, True = may attend, broadcastable to (B, Hq, S, S').
-    soft_cap = 0 disables the cap and uses the fused F.scaled_dot_product_attention kernel.
+    key/value head h // (Hq/Hk)); mask: bool, True = may attend, broadcastable to (B, Hq, S, S').
+    The cap needs the raw logits, which F.scaled_dot_product_attention never exposes: with a cap
+    the attention is explicit; soft_cap = 0 uses the fused kernel (tested to agree).
     """
     B, Hq, S, Dh = q.shape
     Hk = k.shape[1]
@@ -148,7 +135,7 @@ class Attention(nn.Module):
         super().__init__()
         assert dim % n_heads == 0, f"width {dim} not divisible by {n_heads} heads"
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
-        self.soft_cap = soft_cap
+        self.soft_cap = soft_cap  # 50 by default, Gemma 2's value (not in paper)
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wkv = nn.Linear(dim, 2 * n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
@@ -165,7 +152,8 @@ class Attention(nn.Module):
         """
         B, S, D = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, Dh)
-        k, v = self.wkv(x).view(B, S, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 2×(B, Hk, S, Dh)
+        kv = self.wkv(x).view(B, S, 2, self.n_kv_heads, self.head_dim)  # (B, S, 2, Hk, Dh)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # 2 × (B, Hk, S, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
@@ -216,9 +204,9 @@ class Block(nn.Module):
 class KVCache:
     """Keys/values of the time-attention layers for frames already processed (§3.4 inference).
 
-    One (k, v) pair per time layer, each (B·N, Hk, T_cached, Dh), trimmed to the last C − 1 frames
-    (the window: a new frame sees itself plus C − 1 cached frames). `pos` is the absolute time index
-    of the next frame, so RoPE keeps advancing by exactly one per committed frame (PITFALLS 4).
+    One (k, v) pair per time layer, each (B·N, Hk, T_cached, Dh), trimmed to the last C − 1
+    frames (the window: a new frame sees itself plus C − 1 cached frames). `pos` is the absolute
+    time index of the next frame, so RoPE keeps advancing by exactly one per committed frame.
     """
 
     def __init__(self, window: int):
@@ -226,27 +214,31 @@ class KVCache:
 
 
 class SpaceTimeTransformer(nn.Module):
-    """The §3.4 transformer on x: (B, T, N, D). Layer i attends over time iff i % time_every equals
-    time_layer % time_every (time_layer = −1: the last layer of every group of time_every, 0: the first).
+    """The §3.4 transformer on x: (B, T, N, D).
 
+    Layer i attends over time iff i % time_every equals time_layer % time_every (time_layer = −1:
+    the last layer of every group of time_every, 0: the first).
     Space layers: the N tokens of one frame attend to each other under `space_mask` (N, N) bool
     (True = may attend): this is how the tokenizer and the dynamics say which token groups see
-    which (encoder/decoder masks, one-way agent tokens). Space RoPE is given per token (`space_pos`).
+    which (encoder/decoder masks, one-way agent tokens). Space RoPE is given per token
+    (`space_pos`); tokens without a grid position sit at (0, 0) (not in paper).
     Time layers: each token slot n attends to slot n of earlier frames, causally, windowed to C,
-    with 1-D RoPE over absolute frame positions.
+    with 1-D RoPE over absolute frame positions (which tokens take part: not in paper).
     """
 
     def __init__(self, dim: int, depth: int, n_heads: int, n_kv_heads: int | None = None,
-                 time_every: int = 4, window: int = 32, mlp_ratio: float = 4.0, soft_cap: float = 50.0,
-                 rope_base: float = 10000.0, space_rope_base: float | None = None, time_layer: int = -1):
+                 time_every: int = 4, window: int = 32, mlp_ratio: float = 4.0,
+                 soft_cap: float = 50.0, rope_base: float = 10000.0,
+                 space_rope_base: float | None = None, time_layer: int = -1):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         self.window, self.head_dim, self.rope_base = window, dim // n_heads, rope_base
-        # A small grid (e.g. 4×4 patches) needs faster-rotating spatial frequencies than base 10⁴ gives,
-        # or neighbouring patches look alike to attention (tokenizer.py uses 10; not in paper).
+        # A small grid (e.g. 4×4 patches) needs faster-rotating spatial frequencies than base
+        # 10⁴ gives, or neighbouring patches look alike (tokenizer.py uses 10; not in paper).
         self.space_rope_base = space_rope_base or rope_base
         self.blocks = nn.ModuleList(
-            Block(dim, n_heads, n_kv_heads, mlp_ratio, soft_cap, is_time=i % time_every == time_layer % time_every)
+            Block(dim, n_heads, n_kv_heads, mlp_ratio, soft_cap,
+                  is_time=i % time_every == time_layer % time_every)
             for i in range(depth))
         self.norm = RMSNorm(dim)
 
@@ -257,9 +249,9 @@ class SpaceTimeTransformer(nn.Module):
 
         space_pos: (N, 2) integer (row, col) per token for 2-D RoPE, or None for no spatial RoPE.
         independent: (B,) bool, sequences whose frames must not see each other (start frames).
-        cache: time-layer KV cache; the T new frames get positions cache.pos … cache.pos + T − 1 and
-        attend to the cached frames. commit=True appends their keys/values to the cache (call with
-        commit=False to run a denoising step without changing the context).
+        cache: time-layer KV cache; the T new frames get positions cache.pos … cache.pos + T − 1
+        and attend to the cached frames. commit=True appends their keys/values to the cache (call
+        with commit=False to run a denoising step without changing the context).
         """
         B, T, N, D = x.shape
         t0 = cache.pos if cache is not None else 0
@@ -270,7 +262,7 @@ class SpaceTimeTransformer(nn.Module):
         # Every time layer sees the same number of cached frames, so one mask serves them all.
         T_past = next(iter(cache.kv.values()))[0].shape[2] if cache is not None and cache.kv else 0
         ind = None if independent is None else independent.repeat_interleave(N)  # (B·N,)
-        t_mask = time_mask(T, T_past + T, self.window, ind, x.device)  # (T, T_k) or (B·N, 1, T, T_k)
+        t_mask = time_mask(T, T_past + T, self.window, ind, x.device)  # (T, T_k) | (B·N, 1, T, T_k)
         for i, blk in enumerate(self.blocks):
             if blk.is_time:
                 xt = x.permute(0, 2, 1, 3).reshape(B * N, T, D)  # (B·N, T, D)
@@ -280,7 +272,8 @@ class SpaceTimeTransformer(nn.Module):
                     k, v = new_kv if past is None else (torch.cat([past[0], new_kv[0]], 2),
                                                         torch.cat([past[1], new_kv[1]], 2))
                     keep = self.window - 1  # a later frame sees itself + C − 1 earlier frames
-                    cache.kv[i] = (k[:, :, -keep:], v[:, :, -keep:]) if keep > 0 else (k[:, :, :0], v[:, :, :0])
+                    start = max(k.shape[2] - keep, 0)
+                    cache.kv[i] = (k[:, :, start:], v[:, :, start:])  # (B·N, Hk, ≤ C − 1, Dh)
                 x = xt.view(B, N, T, D).permute(0, 2, 1, 3)  # (B, T, N, D)
             else:
                 xs = x.reshape(B * T, N, D)  # (B·T, N, D)
@@ -291,18 +284,14 @@ class SpaceTimeTransformer(nn.Module):
         return self.norm(x)
 
 
-# ==============================================================================================
-# Loss normalisation (§3 intro): "all loss terms are divided by running estimates of their RMS"
-# ==============================================================================================
-
-
+# --- Loss normalisation (§3 intro): "all loss terms are divided by running estimates of their RMS"
 class RunningRMS:
     """Divide a loss term by a running estimate of its root-mean-square.
 
-    ms ← decay·ms + (1 − decay)·loss²  (an EMA of the squared loss; the first update sets ms = loss²)
+    ms ← decay·ms + (1 − decay)·loss²  (EMA of the squared loss; the first update sets ms = loss²)
     normalised = loss / max(√ms, floor)
-    The paper gives neither the update rule nor the decay (PAPER.md §4.5); decay 0.99 and floor
-    1e-3 are ours. Non-finite losses do not update the estimate (one bad batch must not poison it).
+    The paper gives neither the update rule nor the decay; decay 0.99 and floor 1e-3 are ours.
+    Non-finite losses do not update the estimate (one bad batch must not poison it).
     The estimate is part of the checkpoint (`state_dict`), so `--resume` continues exactly.
     """
 
@@ -313,7 +302,8 @@ class RunningRMS:
         value = float(loss.detach())
         if not math.isfinite(value):
             return
-        self.ms = value ** 2 if self.count == 0 else self.decay * self.ms + (1 - self.decay) * value ** 2
+        sq = value ** 2
+        self.ms = sq if self.count == 0 else self.decay * self.ms + (1 - self.decay) * sq
         self.count += 1
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
@@ -329,13 +319,9 @@ class RunningRMS:
         self.decay, self.floor = float(state["decay"]), float(state["floor"])
 
 
-# ==============================================================================================
-# Plumbing: arguments, device, seeding, checkpoints, metrics
-# ==============================================================================================
-
-
+# ------------------------------------- Plumbing: arguments, device, seeding, checkpoints, metrics
 def _field_help(cls) -> dict[str, str]:
-    """Read the trailing `# help` comment of every `name: type = default  # help` line of a dataclass."""
+    """The trailing `# help` comment of every `name: type = default  # help` line of a dataclass."""
     helps = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+)\s*:[^=]+=.*?#\s*(.*)$", line)
@@ -353,17 +339,19 @@ def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | No
     """
     presets = presets or {}
     helps = _field_help(cls)
-    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+    description = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
+        help_text = f"{helps.get(f.name, '')} (default: {f.default})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats the help
         if f.name == "preset":
             parser.add_argument(flag, choices=["default", *presets], help=help_text)
         elif f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            type_name = f.type if isinstance(f.type, str) else f.type.__name__
+            kind = {"int": int, "float": float, "str": str}.get(type_name, str)
             parser.add_argument(flag, type=kind, help=help_text)
     given = vars(parser.parse_args(argv))
     values = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -372,12 +360,12 @@ def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | No
         values.update(presets[preset])
     values.update(given)
     args = cls(**values)
-    args._given = set(given)  # the flags typed on the command line (e.g. for dynamics.py --eval-only)
+    args._given = set(given)  # the flags typed on the command line
     return args
 
 
 def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
-    """Linear warm-up to lr, then cosine decay to 10 % of it (not in paper: no optimiser is given)."""
+    """Linear warm-up to lr, then cosine decay to 10 % of it (not in paper: no optimiser given)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, steps - warmup))
@@ -387,8 +375,8 @@ def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
 def pick_device(name: str = "auto") -> torch.device:
     """--device auto picks cuda, then mps, then cpu, and says which."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else (
-            "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu")
+        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        name = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
     print(f"device: {name}")
     return torch.device(name)
 
@@ -401,7 +389,7 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device: torch.device | str):
-    """bf16 autocast on GPU, plain fp32 elsewhere (STYLE.md)."""
+    """bf16 autocast on GPU, plain fp32 elsewhere."""
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -415,10 +403,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def save_checkpoint(path: str, payload: dict) -> None:
-    """Write atomically: save to a temp file in the same folder, then rename over the target.
-
-    A crash mid-save leaves the previous checkpoint intact (os.replace is atomic on POSIX).
-    """
+    """Save to a temp file, then os.replace it over `path`: a crash keeps the old checkpoint."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
@@ -459,15 +444,15 @@ class MetricsLog:
         now = time.time()
         dt = (now - self.t_last) / max(step - self.step_last, 1)
         self.t_last, self.step_last = now, step
-        eta_min = dt * (self.total - step) / 60
-        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                   for k, v in metrics.items()}
         record = {"step": step, **metrics, "ms_per_step": 1000 * dt}
-        if frames_per_step:
-            record["frames_per_s"] = frames_per_step / max(dt, 1e-9)
         parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4g}" for k, v in metrics.items()]
         parts += [f"{1000 * dt:.0f} ms/step"]
         if frames_per_step:
+            record["frames_per_s"] = frames_per_step / max(dt, 1e-9)
             parts += [f"{record['frames_per_s']:,.0f} frames/s"]
+        eta_min = dt * (self.total - step) / 60
         print(" | ".join(parts + [f"eta {eta_min:.1f}m"]), flush=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -479,8 +464,8 @@ def check_finite(step: int, **terms: torch.Tensor) -> None:
     bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(torch.as_tensor(v)).all()}
     if bad:
         raise FloatingPointError(
-            f"non-finite loss at step {step}: {bad}. Lower --lr, check the data, or --resume from the "
-            f"last checkpoint (it was written before this step).")
+            f"non-finite loss at step {step}: {bad}. Lower --lr, check the data, or --resume from "
+            f"the last checkpoint (it was written before this step).")
 
 
 def write_json(path: str, obj: dict) -> None:

@@ -1,24 +1,19 @@
 """Stage 1a — the causal tokenizer (Dreamer 4 §3.1, Eq 5; Appendix A).
 
-The tokenizer compresses every video frame into a few continuous latent tokens, so the dynamics
-model (dynamics.py) can predict the future in a small space. It is a masked autoencoder built from
-the §3.4 space/time transformer (common.py), causal in time:
+A masked autoencoder on the §3.4 space/time transformer (common.py), causal in time: patch
+tokens and learned latent tokens → encoder → tanh bottleneck z (N_b × D_b) per frame → decoder
+with learned read-out tokens → pixels. The dynamics model predicts in the space of z.
 
-    frame ──patchify──▶ patch tokens ─┐                       ┌─▶ read-out tokens ──▶ pixels
-                                      ├─ encoder ─▶ tanh bottleneck z (N_b × D_b) ─ decoder ┤
-          learned latent tokens ──────┘                       └─▶ latents (see only latents)
-
-Reads:  the dataset (data.py; generated if missing).
+Reads:  the dataset (data.py; a built-in one is generated if missing).
 Writes: runs/tokenizer/  ckpt.pt, args.json, metrics.jsonl, summary.json, recon.png, curves.png,
-        and latents/ — the whole dataset encoded once (the "latent cache"), so the dynamics stage
-        never runs the encoder in its training loop.
+        latents/ (the whole dataset encoded once: the latent cache the dynamics stage reads).
 
 Run:
     python tokenizer.py                    # default preset: 64×64 frames, one GPU
-    python tokenizer.py --preset cpu       # 32×32 frames, 2 CPU cores, ≈ 16 min (README)
+    python tokenizer.py --preset cpu       # 32×32 frames, 2 CPU cores, ≈ 16 min
     python tokenizer.py --preset smoke     # seconds; used by the tests
-    python tokenizer.py --encode           # only (re)build the latent cache from ckpt.pt
-    python tokenizer.py --encode --encode-data data/NAME   # encode another dataset of the same frame size
+    python tokenizer.py --encode           # only (re)build the latent cache (--encode-data DIR)
+    python tokenizer_eval.py runs/tokenizer   # re-evaluate a finished run: summary + pictures
 
 Equation map:
     Eq 5   L = L_MSE + 0.2·L_LPIPS, each term ÷ running RMS  -> tokenizer_loss
@@ -27,38 +22,7 @@ Equation map:
     §3.1   bottleneck: linear → tanh                          -> Tokenizer.encode
     App A  packing N_b × D_b → N_b/2 × 2·D_b for the dynamics -> pack, unpack
 
-Deviations and ambiguities (PAPER.md §2, §12):
-  - The reconstruction loss covers ALL patches, masked or not (the paper does not restrict it;
-    DESIGN.md §5). Restricting it to masked patches is a known way to get a blurry tokenizer
-    (PITFALLS.md 7).
-  - LPIPS backbone: VGG, the lpips authors' advice for use as an optimisation loss ("closer to a
-    traditional perceptual loss"); AlexNet is their recommendation as an evaluation metric.
-    The paper does not say which. Without internet the backbone weights cannot be downloaded:
-    we warn, train with MSE only and record `lpips_used: false` (DESIGN.md §5).
-  - Time attention: every token slot attends to the same slot in the previous C_tok − 1 frames
-    (window C_tok = `--window`, default 4). The paper does not say which tokens take part.
-    The window makes a frame's latents independent of frames more than
-    n_time_layers·(C_tok − 1) steps back, so encoding a whole episode in one pass gives exactly
-    the latents a training-length window gives (tested) — the latent cache relies on this.
-  - Spatial positions: 2-D RoPE over the patch grid with base 10 (not 10⁴: on a 4×4 or 8×8 grid
-    base 10⁴ leaves most frequencies unrotated, so nearby patches look alike); the latent tokens
-    are spread evenly over the same grid (latent_grid). Not in paper.
-  - Locality initialisation (Tokenizer.locality_init, not in paper): latents start out reading
-    their own image region and read-outs their nearest latents. Without it the learned-latent
-    bottleneck sat at the "average frame" (≈ 19.6 dB) for thousands of CPU steps; with it the
-    same shapes reach 26.7 dB in 1,000 steps. Only the initial weights change, not the model.
-  - Patch size and bottleneck follow the built-in world's tiles (not in paper): one patch is one tile at both
-    presets (8 px at 64×64, 4 px at 32×32) and the bottleneck is 32 × 16 at both, packed into 16 dynamics
-    tokens of 32 channels that each cover 2×2 tiles. The cpu preset used 8-pixel patches and 16 × 8 latents
-    before: 2×2 tiles in 8 numbers, so a dynamics token packed 8 tiles into 16 channels and moving the agent
-    one tile meant re-encoding a dense code. Measured at the cpu preset (same data, seed, dynamics preset):
-    held-out PSNR 33.9 → 45.1 dB (5,000 instead of 8,000 steps), and the world model started to use the
-    actions (README "How we got here"). Three times the tokens per frame (96 vs 32) cost 2× per
-    training step and 2.2× in the latent cache (the cpu stage now takes ≈ 16 min).
-  - Optimiser: AdamW with linear warm-up and cosine decay, gradient clipping. The paper gives no
-    optimiser, learning rate or schedule (PAPER.md §8).
-  - Pixels are predicted directly by a linear head (no sigmoid) and clamped to [0, 1] only for
-    metrics and pictures.
+Deviations from the paper and choices it leaves open: docs/deviations.md (section `tokenizer.py`).
 """
 
 from __future__ import annotations
@@ -68,6 +32,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -84,13 +49,13 @@ class Args:
     data: str = "data/diamond64"  # dataset folder (generated by data.py if it is a built-in one)
     out: str = "runs/tokenizer"  # run folder: checkpoint, metrics, pictures, latent cache
     image_size: int = 64  # frame size the preset expects; must match the dataset
-    patch: int = 8  # patch size P (App A uses 16 at 384×640; 8 at 64×64 keeps 64 patches)
+    patch: int = 8  # patch size P (App A: 16 at 384×640; 8 at 64×64 is one tile)
     width: int = 256  # model width D (not in paper)
     depth: int = 8  # layers in the encoder and in the decoder each (not in paper)
     heads: int = 8  # attention heads (not in paper)
     n_latents: int = 32  # N_b latent tokens per frame (App A: 512 at 384×640)
     latent_dim: int = 16  # D_b bottleneck channels (App A: 16)
-    window: int = 4  # C_tok: frames a time-attention layer sees, itself included (not in paper)
+    window: int = 4  # C_tok: frames a time layer sees, itself included (not in paper)
     seq_len: int = 8  # frames per training sequence; > n_time_layers·(window − 1) (not in paper)
     batch_size: int = 16  # sequences per batch (not in paper)
     steps: int = 10000  # optimiser steps (not in paper)
@@ -102,13 +67,13 @@ class Args:
     lpips_weight: float = 0.2  # weight of the LPIPS term (Eq 5: 0.2)
     lpips_net: str = "vgg"  # LPIPS backbone: vgg (for optimisation) or alex (not in paper)
     soft_cap: float = 50.0  # attention-logit soft cap (§3.4; value from Gemma 2, not in paper)
-    space_rope_base: float = 10.0  # 2-D RoPE base over the patch grid (not in paper; 10⁴ cannot tell near patches apart)
-    locality_init: bool = True  # start latents attending to their own grid region (not in paper; see Deviations)
+    space_rope_base: float = 10.0  # 2-D RoPE base over the patch grid (not in paper)
+    locality_init: bool = True  # latents start reading their own grid region (not in paper)
     log_every: int = 100  # steps between log lines
     eval_every: int = 1000  # steps between held-out evaluations and checkpoints
     eval_batches: int = 8  # held-out batches per evaluation
     encode: bool = False  # only build the latent cache from an existing checkpoint
-    encode_data: str = ""  # with --encode: encode this dataset instead of the checkpoint's own (e.g. a larger one)
+    encode_data: str = ""  # with --encode: encode this dataset instead of the checkpoint's own
     resume: bool = False  # continue the run in --out from its ckpt.pt
     stop_at: int = 0  # stop after this step as if interrupted (to test --resume); 0 = never
     seed: int = 0  # seed for model init, data sampling and MAE masks
@@ -117,29 +82,24 @@ class Args:
 
 
 PRESETS = {
-    "smoke": dict(data="data/smoke", out="runs/smoke/tokenizer", image_size=32, patch=8, width=32, depth=4,
-                  heads=2, n_latents=8, latent_dim=4, window=2, seq_len=4, batch_size=2, steps=6,
-                  warmup=2, log_every=2, eval_every=3, eval_batches=1),
-    # One 4-pixel tile per patch and 32 × 16 latents, as the default preset at 64×64 (8-pixel tiles, patch 8):
-    # the 8-pixel patches and 16 × 8 latents used before packed 2×2 tiles into 8 numbers (see Deviations).
-    "cpu": dict(data="data/diamond32", out="runs/cpu/tokenizer", image_size=32, patch=4, width=64, depth=4,
-                heads=2, n_latents=32, latent_dim=16, window=4, seq_len=4, batch_size=6, steps=5000,
-                lr=1e-3, warmup=200, log_every=100, eval_every=1000, eval_batches=8),
+    "smoke": dict(data="data/smoke", out="runs/smoke/tokenizer", image_size=32, patch=8,
+                  width=32, depth=4, heads=2, n_latents=8, latent_dim=4, window=2, seq_len=4,
+                  batch_size=2, steps=6, warmup=2, log_every=2, eval_every=3, eval_batches=1),
+    # not in paper: one 4-pixel tile per patch, 32 × 16 latents as at 64×64 (docs/deviations.md)
+    "cpu": dict(data="data/diamond32", out="runs/cpu/tokenizer", image_size=32, patch=4,
+                width=64, depth=4, heads=2, n_latents=32, latent_dim=16, window=4, seq_len=4,
+                batch_size=6, steps=5000, lr=1e-3, warmup=200, log_every=100, eval_every=1000,
+                eval_batches=8),
 }
 
 FORMAT_VERSION = 1
-
-
-# ==============================================================================================
-# Model
-# ==============================================================================================
 
 
 def patchify(x: torch.Tensor, P: int) -> torch.Tensor:
     """(B, T, H, W, 3) → (B, T, N_p, P·P·3), patches in row-major grid order."""
     B, T, H, W, C = x.shape
     x = x.reshape(B, T, H // P, P, W // P, P, C)  # (B, T, H/P, P, W/P, P, 3)
-    return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, T, (H // P) * (W // P), P * P * C)  # (B, T, N_p, P·P·3)
+    return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, T, -1, P * P * C)  # (B, T, N_p, P·P·3)
 
 
 def unpatchify(x: torch.Tensor, P: int, H: int, W: int) -> torch.Tensor:
@@ -150,9 +110,9 @@ def unpatchify(x: torch.Tensor, P: int, H: int, W: int) -> torch.Tensor:
 
 
 def encoder_mask(n_patches: int, n_latents: int) -> torch.Tensor:
-    """§3.1 encoder: latents attend to all tokens; patches only to patches. Order [patches, latents].
+    """§3.1 encoder: latents attend to all tokens; patches only to patches.
 
-    Returns (N, N) bool, row = query, column = key, True = may attend.
+    Token order [patches, latents]. Returns (N, N) bool, row = query, True = may attend.
     """
     N = n_patches + n_latents
     mask = torch.zeros(N, N, dtype=torch.bool)
@@ -164,7 +124,7 @@ def encoder_mask(n_patches: int, n_latents: int) -> torch.Tensor:
 def decoder_mask(n_patches: int, n_latents: int) -> torch.Tensor:
     """§3.1 decoder: read-out tokens attend to read-outs and latents; latents only to latents.
 
-    Order [read-outs, latents]. Returns (N, N) bool, True = may attend.
+    Token order [read-outs, latents]. Returns (N, N) bool, True = may attend.
     """
     N = n_patches + n_latents
     mask = torch.zeros(N, N, dtype=torch.bool)
@@ -177,22 +137,23 @@ def sample_mae_mask(B: int, T: int, n_patches: int, p_max: float, gen: torch.Gen
                     device=None) -> torch.Tensor:
     """§3.1 MAE: per image p ~ U(0, p_max); each patch is dropped with probability p.
 
-    Returns (B, T, N_p) bool, True = replaced by the learned mask embedding. Because p is drawn
-    per image from U(0, 0.9), images with almost nothing dropped (the inference case p = 0) are
-    trained too; the mean dropped share is p_max / 2 = 0.45.
+    Returns (B, T, N_p) bool, True = replaced by the learned mask embedding. Images with almost
+    nothing dropped (the inference case p = 0) are trained too; the mean dropped share is 0.45.
     """
     p = torch.rand(B, T, 1, generator=gen) * p_max  # (B, T, 1) one drop probability per image
     return (torch.rand(B, T, n_patches, generator=gen) < p).to(device)  # (B, T, N_p)
 
 
 def latent_grid(n_latents: int, g: int) -> torch.Tensor:
-    """Spread n_latents over a g×g patch grid: an r×c lattice (r ≤ c, r·c = n_latents, as square as
-    possible), each latent at the centre of its cell. Returns (n_latents, 2) float (row, col)."""
+    """Spread n_latents over a g×g patch grid (not in paper): (n_latents, 2) float (row, col).
+
+    An r×c lattice (r ≤ c, r·c = n_latents, as square as possible), a latent per cell centre.
+    """
     r = max(d for d in range(1, int(n_latents ** 0.5) + 1) if n_latents % d == 0)
     c = n_latents // r
     rows = (torch.arange(r) + 0.5) * g / r - 0.5  # (r,) cell centres in patch units
     cols = (torch.arange(c) + 0.5) * g / c - 0.5  # (c,)
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).view(-1, 2)  # (n_latents, 2)
+    return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).view(-1, 2)  # (N_b, 2)
 
 
 def pack(z: torch.Tensor) -> torch.Tensor:
@@ -211,25 +172,25 @@ def unpack(z: torch.Tensor) -> torch.Tensor:
 class Tokenizer(nn.Module):
     """Causal masked-autoencoder tokenizer (§3.1). Pixels are floats in [0, 1] at the interface."""
 
-    def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int, n_latents: int,
-                 latent_dim: int, window: int, soft_cap: float = 50.0, space_rope_base: float = 10.0,
-                 locality_init: bool = True):
+    def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int,
+                 n_latents: int, latent_dim: int, window: int, soft_cap: float = 50.0,
+                 space_rope_base: float = 10.0, locality_init: bool = True):
         super().__init__()
-        assert image_size % patch == 0, f"image size {image_size} is not a multiple of patch {patch}"
+        assert image_size % patch == 0, f"image size {image_size} not a multiple of patch {patch}"
         self.image_size, self.patch = image_size, patch
         self.n_latents, self.latent_dim = n_latents, latent_dim
         g = image_size // patch
         self.n_patches = g * g
         # Grid position of every token for 2-D RoPE: patches at (row, col); latents spread evenly
         # over the same grid (latent_grid), so each latent has a region of the image "near" it.
-        grid = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij"), -1).view(-1, 2)
-        self.register_buffer("pos", torch.cat([grid.float(), latent_grid(n_latents, g)]), persistent=False)
+        ar = torch.arange(g)
+        grid = torch.stack(torch.meshgrid(ar, ar, indexing="ij"), -1).view(-1, 2)  # (N_p, 2)
+        pos = torch.cat([grid.float(), latent_grid(n_latents, g)])  # (N_p + N_b, 2)
+        self.register_buffer("pos", pos, persistent=False)
         self.register_buffer("enc_mask", encoder_mask(self.n_patches, n_latents), persistent=False)
         self.register_buffer("dec_mask", decoder_mask(self.n_patches, n_latents), persistent=False)
-
-        def transformer():
-            return common.SpaceTimeTransformer(width, depth, heads, heads, window=window, soft_cap=soft_cap,
-                                               space_rope_base=space_rope_base)
+        transformer = partial(common.SpaceTimeTransformer, width, depth, heads, heads,
+                              window=window, soft_cap=soft_cap, space_rope_base=space_rope_base)
 
         # Encoder: patch embedding, learned MAE mask embedding, learned latent tokens.
         self.patch_embed = nn.Linear(patch * patch * 3, width)
@@ -237,11 +198,12 @@ class Tokenizer(nn.Module):
         self.latent_tokens = nn.Parameter(torch.randn(n_latents, width) * 0.02)
         self.encoder = transformer()
         self.to_bottleneck = nn.Linear(width, latent_dim)
-        # Decoder: linear up from the bottleneck (+ which latent slot it is), learned read-out tokens.
+        # Decoder: linear up from the bottleneck (+ which latent slot it is), learned read-outs.
         self.from_bottleneck = nn.Linear(latent_dim, width)
         self.latent_slot = nn.Parameter(torch.randn(n_latents, width) * 0.02)
         self.readout_tokens = nn.Parameter(torch.randn(self.n_patches, width) * 0.02)
         self.decoder = transformer()
+        # Pixels straight from a linear head, no sigmoid; clamped only for metrics and pictures.
         self.to_pixels = nn.Linear(width, patch * patch * 3)
         if locality_init:
             self.locality_init()
@@ -250,19 +212,10 @@ class Tokenizer(nn.Module):
     def locality_init(self):
         """Start every latent attending to its own region of the image (not in paper).
 
-        Why: with learned latent tokens, the encoder must learn *which* patches each latent reads
-        and the decoder *which* latent each read-out reads — at the same time. At initialisation
-        every latent reads the same uniform average of the patches (which loses where things are),
-        so neither side gets a useful gradient: training sits for thousands of steps at the
-        "average frame" (≈ 19.6 dB at the cpu preset, a blur of the static layout) — the slow
-        start known from other learned-latent tokenizers (TiTok/Perceiver-style autoencoders).
-        The fix is only an initialisation: patch tokens, the MAE mask token and the latent tokens
-        start with the same shared vector (the patch content adds to it), read-out tokens and latent
-        slots with another, and in the space layers W_q starts equal to W_k. Then q·k between two
-        tokens is largest when 2-D RoPE rotates them least — when they sit at the same grid
-        position — so latents begin by reading their neighbourhood and read-outs by reading
-        their nearest latents. Training is free to change all of it. Measured (cpu preset shapes,
-        1,000 steps): 26.7 dB with this init, 19.5–20.9 dB without (tokenizer.py docstring).
+        Patch, mask and latent tokens start from one shared vector, read-out tokens and latent
+        slots from another, and space layers start with W_q = W_k: q·k is then largest where 2-D
+        RoPE rotates least, at the same grid position. Without it every latent starts out reading
+        the same average of the patches and training sits at the "average frame" for long.
         """
         width = self.latent_tokens.shape[1]
         shared_in, shared_out = torch.randn(width), torch.randn(width)
@@ -275,8 +228,10 @@ class Tokenizer(nn.Module):
             for blk in transformer.blocks:
                 if not blk.is_time:  # W_q ← W_k (per query head, its GQA key head)
                     att = blk.attn
-                    w_k = att.wkv.weight[:att.n_kv_heads * att.head_dim].view(att.n_kv_heads, att.head_dim, -1)
-                    att.wq.weight.copy_(w_k.repeat_interleave(att.n_heads // att.n_kv_heads, 0).flatten(0, 1))
+                    Hk, Dh = att.n_kv_heads, att.head_dim
+                    w_k = att.wkv.weight[:Hk * Dh].view(Hk, Dh, -1)  # (Hk, Dh, D)
+                    w_q = w_k.repeat_interleave(att.n_heads // Hk, 0)  # (Hq, Dh, D)
+                    att.wq.weight.copy_(w_q.flatten(0, 1))  # (Hq·Dh, D)
 
     def encode(self, frames: torch.Tensor, mae_mask: torch.Tensor | None = None,
                cache: common.KVCache | None = None) -> torch.Tensor:
@@ -287,7 +242,7 @@ class Tokenizer(nn.Module):
         if frames.dtype == torch.uint8:
             frames = frames.float() / 255
         B, T, H, W, _ = frames.shape
-        assert H == W == self.image_size, f"expected {self.image_size}×{self.image_size} frames, got {H}×{W}"
+        assert H == W == self.image_size, f"expected {self.image_size}-pixel frames, got {H}×{W}"
         x = self.patch_embed(patchify(frames * 2 - 1, self.patch))  # (B, T, N_p, D)
         if mae_mask is not None:  # MAE (§3.1): dropped patches become the learned mask embedding
             x = torch.where(mae_mask[..., None], self.mask_token.to(x.dtype), x)  # (B, T, N_p, D)
@@ -308,7 +263,8 @@ class Tokenizer(nn.Module):
         h = self.decoder(torch.cat([ro, lat], dim=2), self.pos, self.dec_mask,
                          cache=cache, commit=cache is not None)  # (B, T, N_p + N_b, D)
         patches = self.to_pixels(h[:, :, :self.n_patches])  # (B, T, N_p, P·P·3)
-        return (unpatchify(patches, self.patch, self.image_size, self.image_size) + 1) / 2  # (B, T, H, W, 3)
+        size = self.image_size
+        return (unpatchify(patches, self.patch, size, size) + 1) / 2  # (B, T, H, W, 3)
 
     def forward(self, frames, mae_mask=None):
         return self.decode(self.encode(frames, mae_mask))
@@ -316,31 +272,29 @@ class Tokenizer(nn.Module):
 
 def build_tokenizer(a: dict) -> Tokenizer:
     """Rebuild the model from a plain args dict (as stored in the checkpoint)."""
-    return Tokenizer(a["image_size"], a["patch"], a["width"], a["depth"], a["heads"], a["n_latents"],
-                     a["latent_dim"], a["window"], a["soft_cap"], a.get("space_rope_base", 10.0),
-                     a.get("locality_init", True))
+    return Tokenizer(a["image_size"], a["patch"], a["width"], a["depth"], a["heads"],
+                     a["n_latents"], a["latent_dim"], a["window"], a["soft_cap"],
+                     a.get("space_rope_base", 10.0), a.get("locality_init", True))
 
 
 def load_tokenizer(path: str = "runs/tokenizer/ckpt.pt", device="cpu"):
     """Frozen, eval-mode tokenizer for the later stages. Returns (model, checkpoint dict)."""
-    ckpt = common.load_checkpoint(path, "tokenizer", "python tokenizer.py")
+    run_dir = os.path.normpath(os.path.dirname(path))
+    preset = next((n for n, p in PRESETS.items() if os.path.normpath(p["out"]) == run_dir),
+                  "default")
+    how = f"python tokenizer.py --preset {preset} --out {run_dir}"  # the command that writes it
+    ckpt = common.load_checkpoint(path, "tokenizer", how)
     model = build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     model.eval().requires_grad_(False)
     return model.to(device), ckpt
 
 
-# ==============================================================================================
-# Loss (Eq 5)
-# ==============================================================================================
-
-
 def make_lpips(net: str, device, pretrained_backbone: bool = True):
-    """The LPIPS module of the `lpips` package, or None when its backbone weights cannot be loaded.
+    """The LPIPS module of the `lpips` package, or None when its backbone cannot be loaded.
 
-    lpips downloads torchvision's ImageNet backbone on first use. Offline that fails: DESIGN.md §5
-    says warn loudly, train with MSE only, and record `lpips_used: false` in summary.json.
-    pretrained_backbone=False builds a random backbone (tests only: exercises the path offline).
+    VGG by default (not in paper; docs/deviations.md). Offline the backbone download fails: we
+    warn, train with MSE only, record `lpips_used: false`. pretrained_backbone=False: random.
     """
     try:
         import lpips
@@ -348,21 +302,24 @@ def make_lpips(net: str, device, pretrained_backbone: bool = True):
             warnings.simplefilter("ignore")
             module = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
     except Exception as e:  # no internet, no cached weights, broken install
-        print("\n" + "!" * 100 + f"\n!! WARNING: LPIPS ({net}) is unavailable ({type(e).__name__}: {str(e)[:120]})."
-              "\n!! Training the tokenizer with the MSE term only; summary.json records lpips_used: false."
-              f"\n!! To use LPIPS, run once with internet access (torchvision caches the {net} weights).\n" + "!" * 100)
+        bar, why = "!" * 100, f"{type(e).__name__}: {str(e)[:120]}"
+        print(f"\n{bar}\n!! WARNING: LPIPS ({net}) is unavailable ({why})."
+              "\n!! Training the tokenizer with the MSE term only; summary.json: lpips_used false."
+              f"\n!! To use LPIPS, run once online (torchvision caches the {net} weights).\n{bar}")
         return None
     return module.to(device).eval().requires_grad_(False)
 
 
 def tokenizer_loss(recon: torch.Tensor, target: torch.Tensor, lpips_fn, norms: dict,
                    lpips_weight: float = 0.2) -> dict:
-    """Eq 5: L = L_MSE/RMS(L_MSE) + 0.2·L_LPIPS/RMS(L_LPIPS), both over all patches of all frames.
+    """Eq 5: L = L_MSE/RMS(L_MSE) + 0.2·L_LPIPS/RMS(L_LPIPS), over all patches of all frames.
 
     recon, target: (B, T, H, W, 3) in [0, 1]. norms: {"mse": RunningRMS, "lpips": RunningRMS}.
     Returns the total and its named terms (raw, un-normalised values for logging).
     """
-    mse = (recon - target).pow(2).mean()  # every pixel of every patch: masked or not (DESIGN.md §5)
+    # Every pixel of every patch, masked or not: the paper does not restrict the loss to the
+    # dropped patches (docs/deviations.md).
+    mse = (recon - target).pow(2).mean()
     loss = norms["mse"](mse)
     out = {"mse": mse.detach()}
     if lpips_fn is not None:
@@ -377,136 +334,18 @@ def tokenizer_loss(recon: torch.Tensor, target: torch.Tensor, lpips_fn, norms: d
     return out
 
 
-# ==============================================================================================
-# Evaluation and pictures
-# ==============================================================================================
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio per image, pixels in [0, 1]: 10·log10(1 / MSE). (…, H, W, 3) → (…)"""
-    mse = (x.clamp(0, 1) - y).pow(2).mean(dim=(-3, -2, -1))
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
-def psnr_of_mean_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR of the squared error averaged over the leading (batch) dim: 10·log10(1 / mean_b MSE_b).
-
-    (B, …, H, W, 3) → (…). Unlike the mean of per-image PSNRs it stays finite and fair when some
-    images are reproduced exactly (a copy baseline on frames where nothing changed).
-    """
-    mse = (x.clamp(0, 1) - y).pow(2).mean(dim=(-3, -2, -1)).mean(0)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image (Wang et al. 2004), Gaussian window, averaged over channels.
-
-    (…, H, W, 3) in [0, 1] → (…). A 7-pixel window (not the usual 11) suits 32×32 frames.
-    """
-    lead = x.shape[:-3]
-    H, W, C = x.shape[-3:]
-    x = x.clamp(0, 1).reshape(-1, H, W, C).permute(0, 3, 1, 2).float()  # (M, 3, H, W)
-    y = y.reshape(-1, H, W, C).permute(0, 3, 1, 2).float()  # (M, 3, H, W)
-    g = torch.exp(-(torch.arange(window, device=x.device) - window // 2).float() ** 2 / (2 * sigma ** 2))
-    k = (g[:, None] * g[None, :] / g.sum() ** 2).expand(C, 1, window, window)  # (3, 1, w, w)
-    blur = lambda v: F.conv2d(v, k, groups=C)  # noqa: E731  (valid-mode Gaussian mean)
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2, 3)).reshape(lead)
-
-
-@torch.no_grad()
-def evaluate(model: Tokenizer, loader, batches: int, batch_size: int, device, seed: int) -> dict:
-    """Held-out reconstruction at MAE p = 0: PSNR (dB) on un-normalised MSE, and SSIM."""
-    model.eval()
-    loader.rng = np.random.default_rng([seed, 12345])  # the same held-out windows every evaluation
-    p, s = [], []
-    for _ in range(batches):
-        frames = loader.sample(batch_size)["frames"].to(device)  # (B, T, H, W, 3) uint8
-        with common.autocast(device):
-            recon = model(frames).float()
-        target = frames.float() / 255
-        p.append(psnr(recon, target).flatten())
-        s.append(ssim(recon, target).flatten())
-    model.train()
-    return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean())}
-
-
-@torch.no_grad()
-def save_recon_picture(model: Tokenizer, frames: torch.Tensor, path: str, gen: torch.Generator) -> None:
-    """Rows: true | reconstruction | |error|, at MAE p = 0 and at p = 0.5 (masked patches grey)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    model.eval()
-    x = frames[:1, :8]  # (1, T, H, W, 3) uint8, one sequence
-    T = x.shape[1]
-    target = x.float() / 255
-    m = torch.rand(1, T, model.n_patches, generator=gen) < 0.5  # p = 0.5 mask (1, T, N_p)
-    rows = []
-    for mask in (None, m.to(x.device)):
-        recon = model(x, mask).float().clamp(0, 1)
-        shown = target
-        if mask is not None:  # show dropped patches in grey
-            grey = unpatchify(mask[..., None].float().expand(-1, -1, -1, model.patch ** 2 * 3),
-                              model.patch, model.image_size, model.image_size)  # (1, T, H, W, 3)
-            shown = target * (1 - grey) + 0.5 * grey
-        err = (recon - target).abs().mean(-1, keepdim=True).expand_as(recon) * 4  # ×4 to be visible
-        rows += [shown[0], recon[0], err.clamp(0, 1)[0]]
-    names = ["true (p=0)", "recon (p=0)", "|err|×4", "input (p=0.5)", "recon (p=0.5)", "|err|×4"]
-    fig, axes = plt.subplots(len(rows), T, figsize=(1.3 * T, 1.4 * len(rows)), squeeze=False)
-    for r, (row, name) in enumerate(zip(rows, names)):
-        for t in range(T):
-            axes[r, t].imshow(row[t].cpu().numpy(), interpolation="nearest")
-            axes[r, t].set_xticks([]), axes[r, t].set_yticks([])
-        axes[r, 0].set_ylabel(name, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    model.train()
-
-
-def save_curves(out: str) -> None:
-    """Loss and held-out PSNR over training steps, read back from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3))
-    tr = [r for r in rows if "mse" in r]
-    a.semilogy([r["step"] for r in tr], [r["mse"] for r in tr], label="MSE")
-    if any("lpips" in r for r in tr):
-        a.semilogy([r["step"] for r in tr if "lpips" in r], [r["lpips"] for r in tr if "lpips" in r], label="LPIPS")
-    a.set_xlabel("step"), a.legend(), a.set_title("training loss terms (raw)")
-    ev = [r for r in rows if "eval_psnr" in r]
-    b.plot([r["step"] for r in ev], [r["eval_psnr"] for r in ev], "o-")
-    b.set_xlabel("step"), b.set_ylabel("dB"), b.set_title("held-out PSNR (p = 0)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=80)
-    plt.close(fig)
-
-
-# ==============================================================================================
-# The latent cache: the whole dataset encoded once, for the dynamics stage
-# ==============================================================================================
-
-
 @torch.no_grad()
 def encode_episode(model: Tokenizer, frames: np.ndarray, device, chunk: int = 64) -> np.ndarray:
     """Encode a whole episode (T, H, W, 3) uint8 → (T, N_b, D_b) float32, in one causal pass.
 
-    The episode goes through in chunks with the time-attention KV cache, which gives exactly the
-    single-pass result (tested in test_common.py); the window C_tok bounds how far back a frame
-    looks, so the result also equals encoding any training-length window that ends at that frame.
-    Chunks of 64 frames encode up to twice as fast as one 256-frame pass on CPU (the masked time
-    attention is quadratic in the chunk length although only C_tok frames are visible).
+    Chunked with the time-attention KV cache: equal to one pass (tested) and, as the window C_tok
+    bounds how far back a frame looks, to encoding any training window ending at that frame.
     """
     cache = common.KVCache(model.encoder.window)
     x = torch.from_numpy(frames).to(device)[None]  # (1, T, H, W, 3) uint8
     with common.autocast(device):
-        z = [model.encode(x[:, s:s + chunk], cache=cache).float() for s in range(0, x.shape[1], chunk)]
+        z = [model.encode(x[:, s:s + chunk], cache=cache).float()  # (1, chunk, N_b, D_b)
+             for s in range(0, x.shape[1], chunk)]
     return torch.cat(z, dim=1)[0].cpu().numpy()  # (T, N_b, D_b)
 
 
@@ -514,13 +353,13 @@ def build_latent_cache(model: Tokenizer, data_root: str, out_dir: str, device) -
     """Encode every episode of both splits; write latents/actions/rewards as .npy per split.
 
     Layout (memory-mapped by LatentCache): latents/{split}_latents.npy (ΣT, N_b, D_b) float32,
-    {split}_actions.npy (ΣT, A) int64 (if labelled), {split}_rewards.npy (ΣT, n_tasks) float32
-    (if labelled), and latents/index.json with each episode's offset and length.
+    {split}_actions.npy (ΣT, A) int64, {split}_rewards.npy (ΣT, n_tasks) float32 (if labelled),
+    and latents/index.json with each episode's offset and length.
     """
     cache_dir = os.path.join(out_dir, "latents")
     os.makedirs(cache_dir, exist_ok=True)
-    index = {"data": os.path.abspath(data_root), "n_latents": model.n_latents, "latent_dim": model.latent_dim,
-             "splits": {}}
+    index = {"data": os.path.abspath(data_root), "n_latents": model.n_latents,
+             "latent_dim": model.latent_dim, "splits": {}}
     t0, n_frames = time.time(), 0
     for split in ("train", "heldout"):
         lat, act, rew, episodes, offset = [], [], [], [], 0
@@ -542,74 +381,132 @@ def build_latent_cache(model: Tokenizer, data_root: str, out_dir: str, device) -
         n_frames += offset
     common.write_json(os.path.join(cache_dir, "index.json"), index)
     dt = time.time() - t0
-    print(f"latent cache: {n_frames:,} frames encoded in {dt:.1f}s ({n_frames / max(dt, 1e-9):,.0f} frames/s) "
-          f"-> {cache_dir}")
+    print(f"latent cache: {n_frames:,} frames encoded in {dt:.1f}s "
+          f"({n_frames / max(dt, 1e-9):,.0f} frames/s) -> {cache_dir}")
     return {"frames": n_frames, "seconds": dt}
 
 
 class LatentCache:
     """Windows of (latents, actions, rewards) sampled from the latent cache (memory-mapped).
 
-    sample(B, T) draws B windows uniformly over all valid start positions (windows may overlap);
-    relevant=True draws windows that contain at least one reward event (the "task-relevant"
-    half of the Phase 2/3 mixture, PAPER.md §5). The generator `rng` is the sampler's own.
+    sample(B, T) draws B windows uniformly over all valid starts (windows may overlap); with
+    relevant=True only windows holding a reward event (the "task-relevant" half of the Phase 2/3
+    mixture, paper §3.3). The generator `rng` is the sampler's own.
     """
 
     def __init__(self, tokenizer_dir: str = "runs/tokenizer", split: str = "train", seed: int = 0):
         cache_dir = os.path.join(tokenizer_dir, "latents")
         path = os.path.join(cache_dir, "index.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no latent cache at {cache_dir}: run `python tokenizer.py --encode "
-                                    f"--out {tokenizer_dir}` (or train the tokenizer first)")
+            raise FileNotFoundError(f"no latent cache at {cache_dir}: run `python tokenizer.py "
+                                    f"--encode --out {tokenizer_dir}` (or train the tokenizer)")
         index = json.load(open(path))
         self.data_root, self.split = index["data"], split
         self.episodes = index["splits"][split]
         if not self.episodes:
             raise ValueError(f"the '{split}' split of {self.data_root} has no episodes")
-        load = lambda name: np.load(os.path.join(cache_dir, f"{split}_{name}.npy"), mmap_mode="r") \
-            if os.path.exists(os.path.join(cache_dir, f"{split}_{name}.npy")) else None  # noqa: E731
+
+        def load(name):  # a memory map of one array, or None if the dataset has no such labels
+            file = os.path.join(cache_dir, f"{split}_{name}.npy")
+            return np.load(file, mmap_mode="r") if os.path.exists(file) else None
+
         self.latents, self.actions, self.rewards = load("latents"), load("actions"), load("rewards")
         self.meta = data.load_meta(self.data_root)
         self.rng = np.random.default_rng(seed)
+        self._valid = {}  # start lists per (T, relevant): the stages alternate both
 
     def _starts(self, T: int, relevant: bool):
-        """All (global offset) window starts of length T; for `relevant`, only windows with a reward."""
+        """Global start offsets of all windows of length T (`relevant`: those with a reward)."""
         starts = []
         for ep in self.episodes:
-            s = np.arange(ep["offset"], ep["offset"] + ep["length"] - T + 1)
+            first, length = ep["offset"], ep["length"]
+            s = np.arange(first, first + length - T + 1)
             if relevant:
-                r = (np.asarray(self.rewards[ep["offset"]:ep["offset"] + ep["length"]]) > 0).any(-1)  # (T_ep,)
+                r = (np.asarray(self.rewards[first:first + length]) > 0).any(-1)  # (T_ep,)
                 c = np.concatenate([[0], np.cumsum(r)])  # c[j] = reward events before frame j
-                s = s[(c[s - ep["offset"] + T] - c[s - ep["offset"]]) > 0]
+                s = s[(c[s - first + T] - c[s - first]) > 0]
             starts.append(s)
         return np.concatenate(starts) if starts else np.zeros(0, int)
 
-    def sample(self, batch_size: int, seq_len: int, relevant: bool = False, with_frames: bool = False) -> dict:
-        if not hasattr(self, "_valid"):
-            self._valid = {}  # start lists per (T, relevant): the stages alternate lengths and halves
+    def sample(self, batch_size: int, seq_len: int, relevant: bool = False,
+               with_frames: bool = False) -> dict:
         key = (seq_len, relevant)
         if key not in self._valid:
             self._valid[key] = self._starts(seq_len, relevant)
             if len(self._valid[key]) == 0:
-                raise ValueError(f"no {'reward-containing ' if relevant else ''}window of {seq_len} frames "
-                                 f"in the '{self.split}' split: use shorter sequences or more data")
+                kind = "reward-containing " if relevant else ""
+                raise ValueError(f"no {kind}window of {seq_len} frames in the '{self.split}' "
+                                 f"split: use shorter sequences or more data")
         starts = self.rng.choice(self._valid[key], size=batch_size)
         idx = starts[:, None] + np.arange(seq_len)  # (B, T) global frame indices
-        out = {"latents": torch.from_numpy(np.asarray(self.latents[idx], dtype=np.float32)),  # (B, T, N_b, D_b)
-               "actions": None if self.actions is None else torch.from_numpy(np.asarray(self.actions[idx])),
-               "rewards": None if self.rewards is None else torch.from_numpy(np.asarray(self.rewards[idx]))}
-        if with_frames:  # evaluation: the pixels, and where each window sits (episode id, first frame)
+        latents = np.asarray(self.latents[idx], dtype=np.float32)  # (B, T, N_b, D_b)
+        out = {"latents": torch.from_numpy(latents),
+               "actions": None if self.actions is None else torch.from_numpy(
+                   np.asarray(self.actions[idx])),  # (B, T, A)
+               "rewards": None if self.rewards is None else torch.from_numpy(
+                   np.asarray(self.rewards[idx]))}  # (B, T, n_tasks)
+        if with_frames:  # evaluation: the pixels, and where each window sits (episode, first frame)
             where = [next((e["id"], s - e["offset"]) for e in self.episodes
                           if e["offset"] <= s < e["offset"] + e["length"]) for s in starts]
-            out["episode_ids"], out["episode_starts"] = [w[0] for w in where], [int(w[1]) for w in where]
-            out["frames"] = torch.from_numpy(np.stack([np.array(  # a copy frees the memory map (open files)
-                data.mapped_frames(self.data_root, i)[s:s + seq_len]) for i, s in where]))  # (B, T, H, W, 3) uint8
+            out["episode_ids"] = [w[0] for w in where]
+            out["episode_starts"] = [int(w[1]) for w in where]
+            # np.array copies each window, which frees its memory map (open files are limited).
+            frames = [np.array(data.mapped_frames(self.data_root, i)[s:s + seq_len])
+                      for i, s in where]
+            out["frames"] = torch.from_numpy(np.stack(frames))  # (B, T, H, W, 3) uint8
         return out
 
 
-# ==============================================================================================
-# Training
-# ==============================================================================================
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR per image, pixels in [0, 1]: 10·log10(1 / MSE). (…, H, W, 3) → (…)"""
+    mse = (x.clamp(0, 1) - y).pow(2).mean(dim=(-3, -2, -1))
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def psnr_of_mean_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR of the batch-mean squared error, 10·log10(1 / mean_b MSE_b): (B, …, H, W, 3) → (…).
+
+    Unlike a mean of per-image PSNRs it stays finite and fair when some images are reproduced
+    exactly (a copy baseline on frames where nothing changed).
+    """
+    mse = (x.clamp(0, 1) - y).pow(2).mean(dim=(-3, -2, -1)).mean(0)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per image (Wang et al. 2004), Gaussian window, mean over channels. (…, H, W, 3) → (…)
+
+    A 7-pixel window (not the usual 11) suits 32×32 frames.
+    """
+    *lead, H, W, C = x.shape
+    x = x.clamp(0, 1).reshape(-1, H, W, C).permute(0, 3, 1, 2).float()  # (M, 3, H, W)
+    y = y.reshape(-1, H, W, C).permute(0, 3, 1, 2).float()  # (M, 3, H, W)
+    offsets = (torch.arange(window, device=x.device) - window // 2).float()  # (w,)
+    g = torch.exp(-offsets ** 2 / (2 * sigma ** 2))  # (w,)
+    k = (g[:, None] * g[None, :] / g.sum() ** 2).expand(C, 1, window, window)  # (3, 1, w, w)
+    blur = partial(F.conv2d, weight=k, groups=C)  # valid-mode Gaussian mean, per channel
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3)).reshape(lead)
+
+
+@torch.no_grad()
+def evaluate(model: Tokenizer, loader, batches: int, batch_size: int, device, seed: int) -> dict:
+    """Held-out reconstruction at MAE p = 0: PSNR (dB) on un-normalised MSE, and SSIM."""
+    model.eval()
+    loader.rng = np.random.default_rng([seed, 12345])  # the same held-out windows every time
+    p, s = [], []
+    for _ in range(batches):
+        frames = loader.sample(batch_size)["frames"].to(device)  # (B, T, H, W, 3) uint8
+        with common.autocast(device):
+            recon = model(frames).float()  # (B, T, H, W, 3)
+        target = frames.float() / 255
+        p.append(psnr(recon, target).flatten())
+        s.append(ssim(recon, target).flatten())
+    model.train()
+    return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean())}
 
 
 def train(a: Args) -> dict:
@@ -618,38 +515,33 @@ def train(a: Args) -> dict:
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 
-    if a.encode:  # only (re)build the latent cache
-        model, ckpt = load_tokenizer(ckpt_path, device)
-        root = data.ensure_dataset(a.encode_data) if a.encode_data else ckpt["args"]["data"]
-        size = data.load_meta(root)["image_size"]
-        if size != model.image_size:
-            raise ValueError(f"{root} holds {size}-pixel frames but the tokenizer in "
-                             f"{ckpt_path} was trained on {model.image_size}-pixel frames: encode a dataset of that size")
-        return build_latent_cache(model, root, a.out, device)
-
     a.data = data.ensure_dataset(a.data)  # generates a missing built-in dataset
-    meta = data.load_meta(a.data)
-    if meta["image_size"] != a.image_size:
-        raise ValueError(f"{a.data} holds {meta['image_size']}×{meta['image_size']} frames but this run expects "
-                         f"{a.image_size}×{a.image_size} (preset '{a.preset}'). Pass --image-size "
-                         f"{meta['image_size']} (and a matching --patch), or point --data at a "
-                         f"{a.image_size}×{a.image_size} dataset (`python data.py --image-size {a.image_size}`).")
+    size = data.load_meta(a.data)["image_size"]
+    if size != a.image_size:
+        want = f"{a.image_size}×{a.image_size}"
+        raise ValueError(f"{a.data} holds {size}×{size} frames but this run expects {want} "
+                         f"(preset '{a.preset}'). Pass --image-size {size} (and a matching "
+                         f"--patch), or point --data at a {want} dataset "
+                         f"(`python data.py --image-size {a.image_size}`).")
     n_time = a.depth // 4
     if a.seq_len <= n_time * (a.window - 1):
-        print(f"note: seq_len {a.seq_len} ≤ {n_time}·(window − 1): no training frame sees its full time context")
+        print(f"note: seq_len {a.seq_len} ≤ {n_time}·(window − 1): no frame sees its full context")
     train_loader = data.SequenceDataset(a.data, "train", a.seq_len, seed=a.seed)
     held_loader = data.SequenceDataset(a.data, "heldout", a.seq_len, seed=a.seed + 1)
 
     model = build_tokenizer(asdict(a)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tokenizer: {n_params / 1e6:.2f}M parameters, {model.n_patches} patches + {a.n_latents} latents per frame, "
-          f"bottleneck {a.n_latents}×{a.latent_dim} (packed {a.n_latents // 2}×{2 * a.latent_dim})")
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
+    print(f"tokenizer: {n_params / 1e6:.2f}M parameters, {model.n_patches} patches + "
+          f"{a.n_latents} latents per frame, bottleneck {a.n_latents}×{a.latent_dim}")
+    # not in paper: AdamW, warm-up + cosine decay, gradient clipping (docs/deviations.md)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
+                            betas=(0.9, 0.95))
     lpips_fn = make_lpips(a.lpips_net, device) if a.lpips_weight > 0 else None
     norms = {"mse": common.RunningRMS(), "lpips": common.RunningRMS()}
     step = 0
     if a.resume:
-        ckpt = common.load_checkpoint(ckpt_path, "tokenizer", f"python tokenizer.py --out {a.out}")
+        how = f"python tokenizer.py --preset {a.preset} --out {a.out}"
+        ckpt = common.load_checkpoint(ckpt_path, "tokenizer", how)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         for k, v in ckpt["normalizers"].items():
@@ -657,7 +549,7 @@ def train(a: Args) -> dict:
         step = ckpt["step"]
         print(f"resumed from {ckpt_path} at step {step}")
     elif device.type == "cpu" and a.preset == "default":
-        print("!! the default preset is sized for a GPU; on this CPU it would take hours. Try --preset cpu.")
+        print("!! the default preset is sized for a GPU (hours on a CPU): try --preset cpu.")
     common.write_json(os.path.join(a.out, "args.json"), asdict(a))
     print("args:", json.dumps(asdict(a)))
     fwd = torch.compile(model) if a.compile else model
@@ -665,24 +557,25 @@ def train(a: Args) -> dict:
 
     def save(step):
         common.save_checkpoint(ckpt_path, {
-            "format_version": FORMAT_VERSION, "stage": "tokenizer", "step": step, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "normalizers": {k: n.state_dict() for k, n in norms.items()},
-            "args": asdict(a), "parent": {"stage": "data", "path": os.path.abspath(a.data), "step": 0},
+            "format_version": FORMAT_VERSION, "stage": "tokenizer", "step": step,
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "normalizers": {k: n.state_dict() for k, n in norms.items()}, "args": asdict(a),
+            "parent": {"stage": "data", "path": os.path.abspath(a.data), "step": 0},
             "lpips_used": lpips_fn is not None})
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_start, steps_run, result = time.time(), 0, {}
     while step < a.steps:
-        # Per-step generators seeded from (seed, step): the data stream and MAE masks do not depend on
-        # model initialisation, and --resume reproduces exactly the batches an uninterrupted run sees.
+        # Per-step generators seeded from (seed, step): the data stream and MAE masks do not
+        # depend on model initialisation, and --resume sees exactly the batches of a full run.
         train_loader.rng = np.random.default_rng([a.seed, step])
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
         frames = train_loader.sample(a.batch_size)["frames"].to(device)  # (B, T, H, W, 3) uint8
         B, T = frames.shape[:2]
         mae = sample_mae_mask(B, T, model.n_patches, a.mae_max, gen, device)  # (B, T, N_p)
+        lr = common.lr_at(step, a.lr, a.warmup, a.steps)
         for g in opt.param_groups:
-            g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
+            g["lr"] = lr
         with common.autocast(device):
             recon = fwd(frames, mae).float()  # (B, T, H, W, 3)
         terms = tokenizer_loss(recon, frames.float() / 255, lpips_fn, norms, a.lpips_weight)
@@ -696,33 +589,37 @@ def train(a: Args) -> dict:
         if step % a.log_every == 0 or step == a.steps:
             with torch.no_grad():
                 train_psnr = float(psnr(recon.detach(), frames.float() / 255).mean())
-            log.log(step, {**{k: v for k, v in terms.items() if k != "loss"}, "loss": terms["loss"],
-                           "psnr": train_psnr, "grad_norm": gnorm, "lr": common.lr_at(step - 1, a.lr, a.warmup, a.steps)}, B * T)
+            raw = {k: v for k, v in terms.items() if k != "loss"}
+            log.log(step, {**raw, "loss": terms["loss"], "psnr": train_psnr, "grad_norm": gnorm,
+                           "lr": lr}, B * T)
         if step % a.eval_every == 0 or step == a.steps:
             result = evaluate(model, held_loader, a.eval_batches, a.batch_size, device, a.seed)
-            print(f"eval step {step}: held-out PSNR {result['psnr']:.2f} dB | SSIM {result['ssim']:.4f} (MAE p = 0)")
+            print(f"eval step {step}: held-out PSNR {result['psnr']:.2f} dB | "
+                  f"SSIM {result['ssim']:.4f} (MAE p = 0)")
+            record = {"step": step, "eval_psnr": result["psnr"], "eval_ssim": result["ssim"]}
             with open(log.path, "a") as f:
-                f.write(json.dumps({"step": step, "eval_psnr": result["psnr"], "eval_ssim": result["ssim"]}) + "\n")
+                f.write(json.dumps(record) + "\n")
             save(step)
         if a.stop_at and step >= a.stop_at:
             print(f"stopping at step {step} (--stop-at); continue with --resume")
             return {}
     wall = time.time() - t_start
 
-    # Final evaluation, pictures, latent cache, summary.json (DESIGN.md §7).
-    held_loader.rng = np.random.default_rng([a.seed, 999])
-    save_recon_picture(model, held_loader.sample(1)["frames"].to(device), os.path.join(a.out, "recon.png"),
-                       torch.Generator().manual_seed(a.seed))
-    save_curves(a.out)
+    # Measuring instruments live in tokenizer_eval.py; imported here so the method file never
+    # depends on them at import time.
+    import tokenizer_eval
+    tokenizer_eval.report(model, held_loader, a.seed, device, a.out)
     cache = build_latent_cache(model, a.data, a.out, device)
     summary = {
         "stage": "tokenizer", "preset": a.preset, "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "steps": step, "steps_this_run": steps_run, "wall_s": wall, "steps_per_s": steps_run / max(wall, 1e-9),
+        "steps": step, "steps_this_run": steps_run, "wall_s": wall,
+        "steps_per_s": steps_run / max(wall, 1e-9),
         "frames_per_s": steps_run * a.batch_size * a.seq_len / max(wall, 1e-9),
-        "peak_mem_gb": common.peak_memory_gb(device),
-        "params_m": n_params / 1e6, "heldout_psnr_db": result.get("psnr"), "heldout_ssim": result.get("ssim"),
-        "lpips_used": lpips_fn is not None, "lpips_net": a.lpips_net if lpips_fn is not None else None,
+        "peak_mem_gb": common.peak_memory_gb(device), "params_m": n_params / 1e6,
+        "heldout_psnr_db": result.get("psnr"), "heldout_ssim": result.get("ssim"),
+        "lpips_used": lpips_fn is not None,
+        "lpips_net": a.lpips_net if lpips_fn is not None else None,
         "latent_cache_frames": cache["frames"], "latent_cache_s": cache["seconds"],
         "bottleneck": [a.n_latents, a.latent_dim], "image_size": a.image_size,
     }
@@ -731,8 +628,21 @@ def train(a: Args) -> dict:
     return summary
 
 
-def main():
-    train(common.parse_args(Args, PRESETS))
+def encode(a: Args) -> dict:
+    """--encode: (re)build the latent cache of --out's checkpoint, without training."""
+    device = common.pick_device(a.device)
+    model, ckpt = load_tokenizer(os.path.join(a.out, "ckpt.pt"), device)
+    root = data.ensure_dataset(a.encode_data) if a.encode_data else ckpt["args"]["data"]
+    size = data.load_meta(root)["image_size"]
+    if size != model.image_size:
+        raise ValueError(f"{root} holds {size}-pixel frames but the tokenizer in {a.out} "
+                         f"was trained on {model.image_size}-pixel frames: encode one of those")
+    return build_latent_cache(model, root, a.out, device)
+
+
+def main(argv: list[str] | None = None):
+    a = common.parse_args(Args, PRESETS, argv)
+    return encode(a) if a.encode else train(a)
 
 
 if __name__ == "__main__":

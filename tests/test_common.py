@@ -1,4 +1,9 @@
-"""Tests of common.py: each primitive against an independent, slow re-derivation (STYLE.md tiers 1-2)."""
+"""Tests of common.py: each primitive against an independent, slow re-derivation.
+
+Exercise (README "Equation map and exercises") and its grading command:
+    §3.4  time_mask, KVCache (the cache logic of SpaceTimeTransformer.forward)
+          python -m pytest tests/test_common.py -k "time_mask or kv_cache"
+"""
 
 import json
 import math
@@ -9,13 +14,13 @@ import pytest
 import torch
 
 import common
-from common import (Attention, KVCache, RMSNorm, RunningRMS, SpaceTimeTransformer, apply_rope, attend,
-                    rope_angles, rope_angles_2d, time_mask)
+from common import (Attention, KVCache, RMSNorm, RunningRMS, SpaceTimeTransformer, apply_rope,
+                    attend, rope_angles, rope_angles_2d, time_mask)
 
 torch.set_num_threads(2)
 
 
-# ---------------------------------------------------------------- RMSNorm, SwiGLU, RoPE
+# ---------------------------------------------------------------- RMSNorm, RoPE
 
 def test_rmsnorm_matches_formula():
     torch.manual_seed(0)
@@ -37,7 +42,8 @@ def slow_rope(x, positions, base=10000.0):
     for s in range(S):
         for i in range(Dh // 2):
             theta = float(positions[s]) * base ** (-2 * i / Dh)
-            rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+            rot = torch.tensor([[math.cos(theta), -math.sin(theta)],
+                                [math.sin(theta), math.cos(theta)]])
             out[s, 2 * i:2 * i + 2] = rot @ x[s, 2 * i:2 * i + 2]
     return out
 
@@ -46,32 +52,51 @@ def test_rope_matches_rotation_matrices():
     torch.manual_seed(0)
     x = torch.randn(6, 8)
     pos = torch.tensor([0, 1, 2, 5, 9, 100])
-    torch.testing.assert_close(apply_rope(x, rope_angles(pos, 8)), slow_rope(x, pos), atol=1e-5, rtol=1e-5)
+    got = apply_rope(x, rope_angles(pos, 8))
+    torch.testing.assert_close(got, slow_rope(x, pos), atol=1e-5, rtol=1e-5)
+
+
+def rope_score(q, k, pq, pk):
+    """⟨rope(q, pq), rope(k, pk)⟩ for 1-D positions."""
+    aq, ak = rope_angles(torch.tensor([pq]), 16), rope_angles(torch.tensor([pk]), 16)
+    return float(apply_rope(q, aq) @ apply_rope(k, ak).T)
 
 
 def test_rope_scores_depend_only_on_position_difference():
     torch.manual_seed(0)
     q, k = torch.randn(1, 16), torch.randn(1, 16)
-    def score(pq, pk):
-        return float(apply_rope(q, rope_angles(torch.tensor([pq]), 16)) @ apply_rope(k, rope_angles(torch.tensor([pk]), 16)).T)
-    assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-4)
-    assert score(0, 0) == pytest.approx(score(57, 57), abs=1e-4)
-    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)  # and it does depend on the difference
+    assert rope_score(q, k, 3, 1) == pytest.approx(rope_score(q, k, 10, 8), abs=1e-4)
+    assert rope_score(q, k, 0, 0) == pytest.approx(rope_score(q, k, 57, 57), abs=1e-4)
+
+
+def test_rope_scores_change_with_the_position_difference():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 16), torch.randn(1, 16)
+    assert rope_score(q, k, 3, 1) != pytest.approx(rope_score(q, k, 3, 2), abs=1e-3)
+
+
+def rope_2d_score(q, k, rq, cq, rk, ck):
+    aq = rope_angles_2d(torch.tensor([rq]), torch.tensor([cq]), 16)
+    ak = rope_angles_2d(torch.tensor([rk]), torch.tensor([ck]), 16)
+    return float(apply_rope(q, aq) @ apply_rope(k, ak).T)
 
 
 def test_rope_2d_depends_only_on_grid_offsets():
     torch.manual_seed(0)
     q, k = torch.randn(1, 16), torch.randn(1, 16)
-    def score(rq, cq, rk, ck):
-        aq = rope_angles_2d(torch.tensor([rq]), torch.tensor([cq]), 16)
-        ak = rope_angles_2d(torch.tensor([rk]), torch.tensor([ck]), 16)
-        return float(apply_rope(q, aq) @ apply_rope(k, ak).T)
-    assert score(2, 3, 1, 1) == pytest.approx(score(5, 7, 4, 5), abs=1e-4)
-    assert score(2, 3, 1, 1) != pytest.approx(score(2, 3, 1, 2), abs=1e-3)  # columns matter
-    assert score(2, 3, 1, 1) != pytest.approx(score(2, 3, 2, 1), abs=1e-3)  # rows matter
+    assert rope_2d_score(q, k, 2, 3, 1, 1) == pytest.approx(rope_2d_score(q, k, 5, 7, 4, 5),
+                                                            abs=1e-4)
 
 
-# ---------------------------------------------------------------- attention: soft cap, GQA, masks
+@pytest.mark.parametrize("key", [(1, 2), (2, 1)], ids=["columns", "rows"])
+def test_rope_2d_sees_both_grid_axes(key):
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 16), torch.randn(1, 16)
+    assert rope_2d_score(q, k, 2, 3, 1, 1) != pytest.approx(rope_2d_score(q, k, 2, 3, *key),
+                                                            abs=1e-3)
+
+
+# ---------------------------------------------------------------- attention: soft cap, GQA
 
 def slow_attention(q, k, v, mask, cap):
     """Per batch, per head, per query: explicit logits, soft cap, masked softmax. GQA by index."""
@@ -82,7 +107,8 @@ def slow_attention(q, k, v, mask, cap):
         for h in range(Hq):
             hk = h // (Hq // Hk)
             for i in range(S):
-                logits = torch.stack([q[b, h, i] @ k[b, hk, j] / math.sqrt(Dh) for j in range(k.shape[2])])
+                logits = torch.stack([q[b, h, i] @ k[b, hk, j] / math.sqrt(Dh)
+                                      for j in range(k.shape[2])])
                 if cap:
                     logits = cap * torch.tanh(logits / cap)
                 if mask is not None:
@@ -92,33 +118,44 @@ def slow_attention(q, k, v, mask, cap):
     return out
 
 
+@pytest.mark.parametrize("cap", [50.0, 0.0], ids=["capped", "fused"])
 @pytest.mark.parametrize("Hq,Hk", [(4, 4), (4, 2), (4, 1)])
-def test_attend_matches_slow_reference_with_gqa_and_mask(Hq, Hk):
+def test_attend_matches_slow_reference_with_gqa_and_mask(Hq, Hk, cap):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, Hq, 5, 8), torch.randn(2, Hk, 5, 8), torch.randn(2, Hk, 5, 8)
     mask = torch.rand(1, 1, 5, 5) > 0.3
     mask[..., 0] = True  # every query sees at least one key
-    torch.testing.assert_close(attend(q, k, v, mask, 50.0), slow_attention(q, k, v, mask, 50.0),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attend(q, k, v, mask, 0.0), slow_attention(q, k, v, mask, 0.0),
+    torch.testing.assert_close(attend(q, k, v, mask, cap), slow_attention(q, k, v, mask, cap),
                                atol=1e-5, rtol=1e-5)
 
 
-def test_soft_cap_bounds_logits_and_agrees_with_sdpa_when_it_cannot_bind():
+def large_logits():
     torch.manual_seed(0)
-    q, k, v = 100 * torch.randn(1, 2, 4, 8), 100 * torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    return 100 * torch.randn(1, 2, 4, 8), 100 * torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+
+
+def test_soft_cap_bounds_the_attention_weight_ratio():
+    # With a cap no two attention weights differ by more than exp(2·cap): logits in (−cap, cap).
+    q, k, v = large_logits()
     cap = 5.0
-    # With a cap, no two attention weights differ by more than exp(2·cap): logits lie in (−cap, cap).
     logits = cap * torch.tanh((q @ k.transpose(-1, -2)) / math.sqrt(8) / cap)
     weights = logits.softmax(-1)
     ratio = weights.max(-1).values / weights.min(-1).values  # per query row
     assert float(ratio.max()) <= math.exp(2 * cap) * (1 + 1e-4)
     torch.testing.assert_close(attend(q, k, v, None, cap), weights @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_cap_changes_attention_with_large_logits():
     # Without the cap these logits are huge and attention is one-hot; the capped output differs.
-    assert not torch.allclose(attend(q, k, v, None, cap), attend(q, k, v, None, 0.0), atol=1e-2)
-    # With small logits and a huge cap, the explicit path equals the fused SDPA path.
-    qs, ks = q / 100, k / 100
-    torch.testing.assert_close(attend(qs, ks, v, None, 1e6), attend(qs, ks, v, None, 0.0), atol=1e-5, rtol=1e-5)
+    q, k, v = large_logits()
+    assert not torch.allclose(attend(q, k, v, None, 5.0), attend(q, k, v, None, 0.0), atol=1e-2)
+
+
+def test_explicit_attention_equals_fused_sdpa_when_the_cap_cannot_bind():
+    q, k, v = large_logits()
+    q, k = q / 100, k / 100  # small logits, huge cap
+    torch.testing.assert_close(attend(q, k, v, None, 1e6), attend(q, k, v, None, 0.0),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_gqa_with_all_kv_heads_is_plain_multi_head_attention():
@@ -134,29 +171,61 @@ def test_gqa_with_all_kv_heads_is_plain_multi_head_attention():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- §3.4 time mask (exercise)
+
+# T = 5 frames, window C = 3: frame t sees frames t−2, t−1, t (itself included).
+WINDOWED = torch.tensor([
+    # key frame 0 1 2 3 4
+    [1, 0, 0, 0, 0],  # query frame 0
+    [1, 1, 0, 0, 0],
+    [1, 1, 1, 0, 0],
+    [0, 1, 1, 1, 0],
+    [0, 0, 1, 1, 1],
+], dtype=torch.bool)
+
+
+def as_text(mask):
+    return "\n".join(" ".join("1" if v else "." for v in row) for row in mask.tolist())
+
+
+def check_time_mask(got, want, what):
+    assert torch.is_tensor(got) and got.dtype == torch.bool, (
+        "expected a bool mask (True = may attend), got "
+        f"{got.dtype if torch.is_tensor(got) else type(got).__name__}")
+    assert got.shape == want.shape, f"{what}: expected shape {tuple(want.shape)}, got {got.shape}"
+    assert torch.equal(got, want), (
+        f"{what}\nrow = query frame, column = key frame, 1 = may attend; a query sees itself and "
+        f"the C − 1 frames before it\nexpected:\n{as_text(want)}\ngot:\n{as_text(got)}")
+
+
 def test_time_mask_matches_hand_written_table():
-    # T = 5 frames, window C = 3: frame t sees frames t−2, t−1, t.
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0],
-        [0, 1, 1, 1, 0],
-        [0, 0, 1, 1, 1],
-    ], dtype=torch.bool)
-    assert torch.equal(time_mask(5, 5, 3), expected)
+    check_time_mask(time_mask(5, 5, 3), WINDOWED, "5 frames, window C = 3")
+
+
+def test_time_mask_for_frames_after_a_cache_is_the_last_rows():
     # Two new frames after three cached ones: the last two rows of the full table.
-    assert torch.equal(time_mask(2, 5, 3), expected[3:])
-    # Independent sequences (start frames) see only themselves.
+    check_time_mask(time_mask(2, 5, 3), WINDOWED[3:],
+                    "2 new frames (queries 3, 4) after 3 cached ones, window C = 3")
+
+
+def test_time_mask_with_window_one_is_the_diagonal():
+    check_time_mask(time_mask(4, 4, 1), torch.eye(4, dtype=torch.bool), "window C = 1")
+
+
+def test_time_mask_independent_sequences_see_only_themselves():
+    # §3.4 "start frames": a sequence marked independent is a batch of separate images.
     m = time_mask(5, 5, 3, independent=torch.tensor([False, True]))
-    assert torch.equal(m[0, 0], expected) and torch.equal(m[1, 0], torch.eye(5, dtype=torch.bool))
+    assert m.shape == (2, 1, 5, 5), f"expected (B, 1, T_q, T_k) = (2, 1, 5, 5), got {m.shape}"
+    check_time_mask(m[0, 0], WINDOWED, "sequence 0 (not independent)")
+    check_time_mask(m[1, 0], torch.eye(5, dtype=torch.bool), "sequence 1 (independent)")
 
 
 # ---------------------------------------------------------------- the space/time transformer
 
 def small_transformer(depth=8, window=4, n_kv_heads=2):
     torch.manual_seed(0)
-    return SpaceTimeTransformer(dim=32, depth=depth, n_heads=4, n_kv_heads=n_kv_heads, window=window,
-                                mlp_ratio=2.0).eval()
+    return SpaceTimeTransformer(dim=32, depth=depth, n_heads=4, n_kv_heads=n_kv_heads,
+                                window=window, mlp_ratio=2.0).eval()
 
 
 def test_every_fourth_layer_attends_over_time():
@@ -164,13 +233,20 @@ def test_every_fourth_layer_attends_over_time():
     assert [b.is_time for b in model.blocks] == [False, False, False, True] * 2
 
 
+@pytest.mark.parametrize("depth,every,layer,expected", [
+    (8, 4, -1, [3, 7]), (8, 4, 0, [0, 4]), (4, 4, -1, [3]), (4, 2, 0, [0, 2]), (6, 3, 1, [1, 4])])
+def test_which_layers_attend_over_time(depth, every, layer, expected):
+    """§3.4 "time attention every 4 layers": which layer of each group is --time-layer."""
+    net = common.SpaceTimeTransformer(16, depth, 2, time_every=every, time_layer=layer)
+    assert [i for i, b in enumerate(net.blocks) if b.is_time] == expected
+
+
 def test_transformer_is_causal_in_time():
     model = small_transformer()
     x = torch.randn(2, 6, 5, 32)
-    y = model(x)
     x2 = x.clone()
     x2[:, 3] += torch.randn(2, 5, 32)  # change frame 3
-    y2 = model(x2)
+    y, y2 = model(x), model(x2)
     torch.testing.assert_close(y[:, :3], y2[:, :3], atol=0, rtol=0)  # frames 0..2 untouched
     assert not torch.allclose(y[:, 3:], y2[:, 3:])
 
@@ -181,8 +257,8 @@ def test_time_window_limits_what_a_frame_sees():
     x2 = x.clone()
     x2[:, 0] += 1.0
     y, y2 = model(x), model(x2)
-    torch.testing.assert_close(y[:, 3:], y2[:, 3:], atol=0, rtol=0)  # frames ≥ 3 cannot see frame 0
-    assert not torch.allclose(y[:, 2], y2[:, 2])  # frame 2 can
+    torch.testing.assert_close(y[:, 3:], y2[:, 3:], atol=0, rtol=0)  # frames ≥ 3 miss frame 0
+    assert not torch.allclose(y[:, 2], y2[:, 2])  # frame 2 sees it
 
 
 def test_space_mask_blocks_token_groups():
@@ -206,22 +282,47 @@ def test_independent_sequences_equal_single_frames():
     assert not torch.allclose(y[1, 3], model(x[1:2, 3:4])[0, 0], atol=1e-4)
 
 
+# ---------------------------------------------------------------- §3.4 KV cache (exercise)
+
+GRID = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).view(6, 2)
+
+
 @pytest.mark.parametrize("T,window", [(3, 4), (10, 4), (9, 1)])
-def test_kv_cache_equals_uncached_recompute(T, window):
-    """Frame-by-frame with the cache == one pass over the whole sequence, also past the window."""
+def test_kv_cache_frame_by_frame_equals_one_pass(T, window):
+    """Frame by frame with the cache == one pass over the whole sequence, also past the window."""
     model = small_transformer(depth=8, window=window)
-    pos = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).view(6, 2)
     x = torch.randn(2, T, 6, 32)
-    full = model(x, space_pos=pos)
+    full = model(x, space_pos=GRID)
     cache = KVCache(window)
     for t in range(T):
-        probe = model(x[:, t:t + 1] * 0.5, space_pos=pos, cache=cache, commit=False)  # a denoising step
-        assert cache.pos == t  # ... leaves the cache untouched
-        step = model(x[:, t:t + 1], space_pos=pos, cache=cache, commit=True)
-        torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4)
+        step = model(x[:, t:t + 1], space_pos=GRID, cache=cache, commit=True)
+        assert torch.allclose(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4), (
+            f"frame {t} (window C = {window}) differs from the uncached pass: a frame must see "
+            f"the cached keys/values of the C − 1 frames before it, at RoPE positions that "
+            f"continue from cache.pos")
+
+
+def test_kv_cache_uncommitted_step_leaves_the_context_unchanged():
+    """commit=False (a denoising step) must neither store its keys nor advance the position."""
+    model = small_transformer(depth=8, window=4)
+    x = torch.randn(2, 6, 6, 32)
+    full = model(x, space_pos=GRID)
+    cache = KVCache(4)
+    for t in range(6):
+        probe = model(x[:, t:t + 1] * 0.5, space_pos=GRID, cache=cache, commit=False)
+        assert cache.pos == t, f"commit=False moved cache.pos from {t} to {cache.pos}"
+        step = model(x[:, t:t + 1], space_pos=GRID, cache=cache, commit=True)
+        assert torch.allclose(step[:, 0], full[:, t], atol=1e-5, rtol=1e-4), (
+            f"frame {t}: after an uncommitted step the committed one must equal the uncached pass")
         assert not torch.allclose(probe, step)
-    assert cache.pos == T
-    assert all(k.shape[2] == min(T, window - 1) for k, _ in cache.kv.values())
+
+
+def test_kv_cache_position_counts_committed_frames():
+    model = small_transformer(depth=4, window=3)
+    cache = KVCache(3)
+    model(torch.randn(1, 4, 6, 32), space_pos=GRID, cache=cache, commit=True)
+    model(torch.randn(1, 1, 6, 32), space_pos=GRID, cache=cache, commit=True)
+    assert cache.pos == 5, f"cache.pos should be the index of the next frame (5), got {cache.pos}"
 
 
 def test_kv_cache_handles_several_frames_per_call():
@@ -231,22 +332,52 @@ def test_kv_cache_handles_several_frames_per_call():
     cache = KVCache(5)
     first = model(x[:, :4], cache=cache, commit=True)
     rest = model(x[:, 4:], cache=cache, commit=True)
-    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-4), (
+        "4 frames then 3 frames through the cache must equal one pass over the 7 frames")
+
+
+@pytest.mark.parametrize("T,window", [(3, 4), (10, 4), (9, 1)])
+def test_cached_keys_are_trimmed_to_the_window(T, window):
+    """Memory: the cache keeps only the C − 1 frames a later frame can see (an optimisation)."""
+    model = small_transformer(depth=8, window=window)
+    cache = KVCache(window)
+    for t in range(T):
+        model(torch.randn(2, 1, 6, 32), space_pos=GRID, cache=cache, commit=True)
+    assert all(k.shape[2] == min(T, window - 1) for k, _ in cache.kv.values())
 
 
 # ---------------------------------------------------------------- running-RMS normaliser
 
-def test_running_rms_ema_floor_and_nonfinite_skip():
+def test_running_rms_first_update_normalises_to_one():
     norm = RunningRMS(decay=0.9, floor=1e-3)
-    out = norm(torch.tensor(2.0))  # first update sets ms = 4
+    out = norm(torch.tensor(2.0))  # the first update sets ms = 4
     assert norm.ms == pytest.approx(4.0) and float(out) == pytest.approx(1.0)
+
+
+def test_running_rms_is_an_ema_of_the_squared_loss():
+    norm = RunningRMS(decay=0.9, floor=1e-3)
+    norm(torch.tensor(2.0))
     norm(torch.tensor(1.0))  # ms = 0.9·4 + 0.1·1 = 3.7
     assert norm.ms == pytest.approx(3.7)
+
+
+def test_running_rms_skips_non_finite_losses():
+    norm = RunningRMS(decay=0.9, floor=1e-3)
+    norm(torch.tensor(2.0))
     norm(torch.tensor(float("nan")))
     norm(torch.tensor(float("inf")))
-    assert norm.ms == pytest.approx(3.7) and norm.count == 2  # skipped
-    tiny = RunningRMS(floor=1e-3)
-    assert float(tiny(torch.tensor(1e-6))) == pytest.approx(1e-6 / 1e-3)  # floor stops division by ~0
+    assert norm.ms == pytest.approx(4.0) and norm.count == 1
+
+
+def test_running_rms_floor_stops_division_by_almost_zero():
+    norm = RunningRMS(floor=1e-3)
+    assert float(norm(torch.tensor(1e-6))) == pytest.approx(1e-6 / 1e-3)
+
+
+def test_running_rms_state_dict_roundtrip():
+    norm = RunningRMS(decay=0.9, floor=1e-3)
+    norm(torch.tensor(2.0))
+    norm(torch.tensor(1.0))
     restored = RunningRMS()
     restored.load_state_dict(norm.state_dict())
     assert restored.state_dict() == norm.state_dict()
@@ -259,7 +390,7 @@ def test_running_rms_passes_gradient_through_loss_only():
     assert float(w.grad) == pytest.approx(6 / 9)
 
 
-# ---------------------------------------------------------------- plumbing
+# ---------------------------------------------------------------- plumbing: arguments
 
 @dataclass
 class ToyArgs:
@@ -271,62 +402,111 @@ class ToyArgs:
     out: str = "runs/toy"  # output folder
 
 
-def test_parse_args_precedence_and_help(capsys):
-    presets = {"smoke": {"steps": 5, "lr": 0.5}}
-    assert common.parse_args(ToyArgs, presets, []) == ToyArgs()
-    a = common.parse_args(ToyArgs, presets, ["--preset", "smoke", "--lr", "0.1", "--compile"])
-    assert (a.steps, a.lr, a.compile, a.preset) == (5, 0.1, True, "smoke")  # explicit flag beats preset
-    assert common.parse_args(ToyArgs, presets, ["--no-compile", "--out", "x"]).out == "x"
+TOY_PRESETS = {"smoke": {"steps": 5, "lr": 0.5}}
+
+
+def test_parse_args_without_flags_gives_the_defaults():
+    assert common.parse_args(ToyArgs, TOY_PRESETS, []) == ToyArgs()
+
+
+def test_parse_args_explicit_flag_beats_preset_beats_default():
+    a = common.parse_args(ToyArgs, TOY_PRESETS, ["--preset", "smoke", "--lr", "0.1"])
+    assert (a.steps, a.lr, a.preset) == (5, 0.1, "smoke")
+
+
+def test_parse_args_bool_and_string_flags():
+    assert common.parse_args(ToyArgs, TOY_PRESETS, ["--compile"]).compile is True
+    a = common.parse_args(ToyArgs, TOY_PRESETS, ["--no-compile", "--out", "x"])
+    assert a.compile is False and a.out == "x"
+
+
+def test_field_help_reads_the_trailing_comment():
     assert common._field_help(ToyArgs)["steps"] == "training steps"
+
+
+def test_parse_args_rejects_an_unknown_preset():
     with pytest.raises(SystemExit):
-        common.parse_args(ToyArgs, presets, ["--preset", "nonexistent"])
-    # --help prints every flag's help; a "%" in a help comment once crashed argparse's formatting.
+        common.parse_args(ToyArgs, TOY_PRESETS, ["--preset", "nonexistent"])
+
+
+def test_help_prints_percent_signs(capsys):
+    # A "%" in a help comment once crashed argparse's formatting.
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_args(ToyArgs, presets, ["--help"])
+        common.parse_args(ToyArgs, TOY_PRESETS, ["--help"])
     assert exit_info.value.code == 0
     assert "30 %" in capsys.readouterr().out
-    a = common.parse_args(ToyArgs, presets, ["--lr", "0.2"])
-    assert a._given == {"lr"}  # what was typed (dynamics.py --eval-only uses it)
 
 
-def test_checkpoint_roundtrip_and_clear_errors(tmp_path):
+def test_parse_args_records_the_flags_typed():
+    assert common.parse_args(ToyArgs, TOY_PRESETS, ["--lr", "0.2"])._given == {"lr"}
+
+
+# ---------------------------------------------------------------- plumbing: checkpoints
+
+@pytest.fixture
+def toy_checkpoint(tmp_path):
     path = str(tmp_path / "run" / "ckpt.pt")
     common.save_checkpoint(path, {"stage": "toy", "step": 3, "model": {"w": torch.ones(2)}})
-    assert common.load_checkpoint(path, "toy", "python toy.py")["step"] == 3
-    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]  # no temp file left behind
+    return path
+
+
+def test_checkpoint_roundtrip(toy_checkpoint):
+    assert common.load_checkpoint(toy_checkpoint, "toy", "python toy.py")["step"] == 3
+
+
+def test_checkpoint_save_leaves_no_temp_file(toy_checkpoint):
+    assert not [f for f in os.listdir(os.path.dirname(toy_checkpoint)) if ".tmp" in f]
+
+
+def test_checkpoint_of_another_stage_gives_a_clear_error(toy_checkpoint):
     with pytest.raises(ValueError, match="expected a 'other' checkpoint"):
-        common.load_checkpoint(path, "other", "python other.py")
+        common.load_checkpoint(toy_checkpoint, "other", "python other.py")
+
+
+def test_missing_checkpoint_names_the_command_that_writes_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="python toy.py"):
         common.load_checkpoint(str(tmp_path / "missing.pt"), "toy", "python toy.py")
-    with open(path, "r+b") as f:  # truncate: a crash in the middle of a non-atomic write
+
+
+def test_truncated_checkpoint_gives_a_clear_error(toy_checkpoint):
+    with open(toy_checkpoint, "r+b") as f:  # a crash in the middle of a non-atomic write
         f.truncate(20)
     with pytest.raises(RuntimeError, match="not a readable checkpoint"):
-        common.load_checkpoint(path, "toy", "python toy.py")
+        common.load_checkpoint(toy_checkpoint, "toy", "python toy.py")
 
 
-def test_lr_schedule_warmup_then_cosine_to_ten_percent():
-    lrs = [common.lr_at(s, 1.0, 10, 110) for s in range(110)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up
-    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)  # half-way: (0.1 + 1) / 2
-    assert common.lr_at(110, 1.0, 10, 110) == pytest.approx(0.1)  # ends at 10 %
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
+# ---------------------------------------------------------------- plumbing: schedule, logging
+
+def test_lr_warms_up_linearly():
+    lrs = [common.lr_at(s, 1.0, 10, 110) for s in range(10)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
 
 
-def test_check_finite_and_metrics_log(tmp_path, capsys):
+def test_lr_decays_by_cosine_to_ten_percent():
+    lrs = [common.lr_at(s, 1.0, 10, 110) for s in range(10, 111)]
+    assert lrs[0] == pytest.approx(1.0) and lrs[50] == pytest.approx(0.55)  # half-way
+    assert lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone
+
+
+def test_check_finite_passes_finite_losses():
     common.check_finite(1, loss=torch.tensor(1.0))
+
+
+def test_check_finite_stops_on_nan_naming_the_step():
     with pytest.raises(FloatingPointError, match="step 7"):
         common.check_finite(7, loss=torch.tensor(1.0), boot=torch.tensor(float("nan")))
+
+
+def test_metrics_log_appends_jsonl(tmp_path):
     log = common.MetricsLog(str(tmp_path), total_steps=10)
     log.log(1, {"loss": 0.5}, frames_per_step=64)
     log.log(2, {"loss": 0.25}, frames_per_step=64)
-    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert [l["loss"] for l in lines] == [0.5, 0.25] and "frames_per_s" in lines[1]
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [line["loss"] for line in lines] == [0.5, 0.25] and "frames_per_s" in lines[1]
+
+
+def test_metrics_log_prints_one_grepable_line(tmp_path, capsys):
+    log = common.MetricsLog(str(tmp_path), total_steps=10)
+    log.log(2, {"loss": 0.25})
     assert "step 2/10 | loss 0.25" in capsys.readouterr().out
-
-
-def test_which_layers_attend_over_time():
-    """§3.4 "time attention every 4 layers": which layer of each group is --time-layer (hand-written table)."""
-    table = {(8, 4, -1): [3, 7], (8, 4, 0): [0, 4], (4, 4, -1): [3], (4, 2, 0): [0, 2], (6, 3, 1): [1, 4]}
-    for (depth, every, layer), expected in table.items():
-        net = common.SpaceTimeTransformer(16, depth, 2, time_every=every, time_layer=layer)
-        assert [i for i, b in enumerate(net.blocks) if b.is_time] == expected, (depth, every, layer)
