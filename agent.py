@@ -601,7 +601,7 @@ def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 
 class AgentPolicy:
-    """Plays in environment.evaluate: encode, observe, sample a_t ~ π(· | h_t); reprompt on a switch."""
+    """Plays in environment.evaluate: encode, observe, sample a_t ~ π(· | h_t); reprompt."""
 
     def __init__(self, model: AgentModel, tok, device, ctx_tau: float, seed: int = 0,
                  reprompt: bool = True):
