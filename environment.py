@@ -36,7 +36,7 @@ from common import parse_args, seed_everything
 
 ACTION_COMPONENTS = [("move", 5), ("use", 2), ("place", 2), ("craft", 2)]  # (name, classes); A = 4
 # The rows of Table 7, each paying 1 on the step its milestone is first reached.
-# deviation: 8 tasks, not the paper's 12 milestones; crafting is one button (docs/deviations.md)
+# deviation: 8 tasks, not 12 milestones; crafting is one button (docs/deviations.md)
 TASKS = ["collect_wood", "place_table", "make_wood_pickaxe", "collect_stone",
          "make_stone_pickaxe", "collect_iron", "make_iron_pickaxe", "collect_diamond"]
 
