@@ -119,9 +119,10 @@ def latent_motion_ratio(z: torch.Tensor, frames: torch.Tensor) -> float | None:
 def collapse_warning(who: str, recall: float, ratio: float, means: str, advice: str) -> None:
     """The loud multi-line message of the collapse alarm."""
     bar = "!" * 100
-    print(f"\n{bar}\n!! COLLAPSE ALARM ({who}): it moves at only {recall:.0%} of the pixels that "
-          f"move in the real frames\n!! (motion recall {recall:.2f} < {COLLAPSE_RECALL}; "
-          f"mean |Δ| ratio {ratio:.2f}; summary.json: collapse_alarm true).\n!! {means}\n"
+    print(f"\n{bar}\n!! COLLAPSE ALARM ({who})\n!! Its frames move at only {recall:.0%} of the "
+          f"pixels that move in the real frames (motion recall\n!! {recall:.2f} < "
+          f"{COLLAPSE_RECALL}; mean |Δ| ratio {ratio:.2f}; summary.json: collapse_alarm true)."
+          f"\n!! {means}\n"
           f"!! Full-frame PSNR and SSIM cannot show this: they are dominated by the static pixels."
           f"\n!! Try: {advice}\n{bar}")
 
