@@ -5,6 +5,8 @@ K = K_max, the repeat-last baseline, the action-shuffle gap); this module adds w
 apart and draws them:
     rollout_baselines   latent-space errors, the repeat-last baseline through the decoder, the
                         tokenizer's own reconstruction (a ceiling), the environment itself replayed
+    moving_pixel_scores PSNR on the pixels that change and on the static rest, and the collapse
+                        alarm (the generated frames do not move where the real ones do)
     loss_by_tau_d       held-out Eq 7 loss per step size d and per signal level τ
     action_probe        action use without sampling noise (one teacher-forced step)
     generation_speed    frames/s at batch 1 with the KV cache; cached vs uncached
@@ -31,6 +33,8 @@ import dynamics
 from dynamics import (Args, context_signal_level, corrupt, decode_after, forcing_batch,
                       psnr_scores, rollout, row_select, shift_actions, shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
+from tokenizer_eval import (COLLAPSE_RECALL, changed_mask, changed_overlay, collapse_warning,
+                            finite_or_none, fmt, masked_psnr, motion_figures)
 
 
 def report(model, tok, held: LatentCache, a: Args, device, figures: dict, rollouts: dict) -> dict:
@@ -38,6 +42,7 @@ def report(model, tok, held: LatentCache, a: Args, device, figures: dict, rollou
     writes the pictures into a.out. figures, rollouts: what dynamics.evaluate returned."""
     n_actions = 0 if held.actions is None else len(model.action_classes)
     out, recon = rollout_baselines(tok, held, rollouts, a, device)
+    out.update(moving_pixel_scores(rollouts, recon, a))
     probe = loss_by_tau_d(model, held, a, device)
     out.update(probe)
     out.update(action_probe(model, held, a, device))
@@ -99,6 +104,71 @@ def rollout_baselines(tok, held: LatentCache, ro: dict, a: Args,
             gap = out["psnr_simulator"] - out["psnr_simulator_shuffled"]
             out["action_shuffle_gap_simulator_db"] = gap
     return out, recon
+
+
+# ---- Moving pixels: rollout PSNR where the frames change, and the collapse alarm (issue 26) -----
+
+
+def split_scores(name: str, x: torch.Tensor, true: torch.Tensor, changed: torch.Tensor) -> dict:
+    """Rollout PSNR of x against true (B, H, H_px, W_px, 3) on the changed pixels (B, H, H_px, W_px)
+    and on the static rest, per horizon (pooled over the windows) and averaged over the horizons
+    as psnr_scores does; None where a horizon has no such pixel."""
+    out = {}
+    for part, mask in (("changed", changed), ("static", ~changed)):
+        per_horizon = masked_psnr(x, true, mask, dims=(0, 2, 3))  # (H,)
+        scored = per_horizon[~per_horizon.isnan()]
+        out[f"psnr_{part}_{name}_per_horizon"] = [finite_or_none(v) for v in per_horizon]
+        out[f"psnr_{part}_{name}"] = float(scored.mean()) if len(scored) else None
+    return out
+
+
+@torch.no_grad()
+def moving_pixel_scores(ro: dict, recon: torch.Tensor, a: Args) -> dict:
+    """Changed- and static-pixel PSNR of the K = sample_k rollouts, the repeat-last baseline and
+    the tokenizer ceiling, on the windows of dynamics.evaluate; how much the generated frames and
+    the reconstructions move where the real frames move; the collapse alarm (printed when it
+    fires). A pixel of generated frame h changes when the real frame h differs from frame h − 1
+    (the last context frame for h = 1). recon: the tokenizer's reconstruction (B, T, H_px, W_px, 3).
+    """
+    Tc, k = a.eval_context, f"k{a.sample_k}"
+    true = ro["true"]  # (B, T, H_px, W_px, 3)
+    changed = changed_mask(true[:, Tc - 1:-1], true[:, Tc:])  # (B, H, H_px, W_px)
+    out = {"changed_pixel_frac": float(changed.float().mean()),
+           "changed_pixel_frac_per_horizon": changed.float().mean((0, 2, 3)).tolist()}
+    repeat = true[:, Tc - 1:Tc].expand_as(true[:, Tc:])  # (B, H, H_px, W_px, 3)
+    for name, x in ((k, ro["pixels"][k]), ("repeat_last", repeat),
+                    ("tokenizer_ceiling", recon[:, Tc:])):
+        out.update(split_scores(name, x, true[:, Tc:], changed))
+    # The model's frames move from its own picture of the last context frame (the reconstruction).
+    generated = torch.cat([recon[:, Tc - 1:Tc], ro["pixels"][k]], 1)  # (B, H + 1, H_px, W_px, 3)
+    for name, x in ((k, generated), ("tokenizer_ceiling", recon[:, Tc - 1:])):
+        motion = motion_figures(true[:, Tc - 1:-1], true[:, Tc:], x[:, :-1], x[:, 1:])
+        out[f"motion_recall_{name}"] = motion["recall"]
+        out[f"motion_ratio_{name}"] = motion["ratio"]
+    recalls = {name: out[f"motion_recall_{name}"] for name in ("tokenizer_ceiling", k)}
+    collapsed = [n for n, r in recalls.items() if r is not None and r < COLLAPSE_RECALL]
+    out["collapse_alarm"] = bool(collapsed)
+    print(f"moving pixels ({out['changed_pixel_frac']:.2%} change): PSNR on them K={a.sample_k} "
+          f"{fmt(out[f'psnr_changed_{k}'])} dB, repeat-last {fmt(out['psnr_changed_repeat_last'])}"
+          f" dB, tokenizer ceiling {fmt(out['psnr_changed_tokenizer_ceiling'])} dB | motion "
+          f"recall K={a.sample_k} {fmt(recalls[k])}, ceiling {fmt(recalls['tokenizer_ceiling'])}")
+    if "tokenizer_ceiling" in collapsed:
+        collapse_warning(
+            "tokenizer, seen from the dynamics", recalls["tokenizer_ceiling"],
+            out["motion_ratio_tokenizer_ceiling"],
+            "The tokenizer's own reconstructions of the true frames drop what moves: the latents "
+            "the dynamics\n!! learns from hold no motion, so every rollout figure here looks fine "
+            "and means nothing.",
+            "fix the tokenizer first (its summary.json: collapse_alarm, recon_psnr_changed_db);\n"
+            "!! train it longer or with LPIPS, then re-encode the latent cache.")
+    elif collapsed:
+        collapse_warning(
+            f"dynamics, K = {a.sample_k}", recalls[k], out[f"motion_ratio_{k}"],
+            "The tokenizer keeps the motion but the generated frames barely move: the model "
+            "repeats the\n!! context (compare psnr_changed with the repeat-last baseline).",
+            "train longer; check the action figures (action_shuffle_gap_db, probe_action_cost);\n"
+            "!! look at rollout.png (changed pixels in magenta).")
+    return out
 
 
 @torch.no_grad()
@@ -213,7 +283,8 @@ def generation_speed(model, device, k: int, ctx_tau: float, n_frames: int,
 
 def save_pictures(ev: dict, true: torch.Tensor, generated: torch.Tensor, probe: dict | None,
                   a: Args) -> None:
-    """rollout.png (rows: true | generated | |error|×4; context framed green, generated red),
+    """rollout.png (rows: true | generated | |error|×4 | the true frames' changed pixels in
+    magenta; context framed green, generated red),
     rollout.gif, rollout_psnr.png (PSNR per horizon against the baselines), loss_tau_d.png (loss
     per τ and per d). true, generated: (B, T, H_px, W_px, 3), the context of `generated` being the
     tokenizer's reconstruction."""
@@ -242,12 +313,14 @@ def save_pictures(ev: dict, true: torch.Tensor, generated: torch.Tensor, probe: 
         rows.append(np.concatenate([tile(true[s, t], context_color(t, grey)) for t in range(T)], 1))
         rows.append(np.concatenate([tile(gen[s, t], context_color(t, red)) for t in range(T)], 1))
         rows.append(np.concatenate([tile(np.clip(err[t], 0, 1), grey) for t in range(T)], 1))
-    canvas = np.concatenate(rows, 0)  # (3·S·(H+2p), T·(W+2p), 3)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * T), max(3, 1.8 * S)))
+        moved = changed_overlay(true[s])  # (T, H, W, 3) the real frames' changed pixels, magenta
+        rows.append(np.concatenate([tile(moved[t], grey) for t in range(T)], 1))
+    canvas = np.concatenate(rows, 0)  # (4·S·(H+2p), T·(W+2p), 3)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * T), max(3, 2.4 * S)))
     ax.imshow(canvas, interpolation="nearest")
     h, w = Hp + 2 * p, Wp + 2 * p
-    labels = ["true", f"decoded, K={a.sample_k}", "|err|×4"] * S
-    ax.set_yticks([h * (i + 0.5) for i in range(3 * S)], labels, fontsize=7)
+    labels = ["true", f"decoded, K={a.sample_k}", "|err|×4", "changed"] * S
+    ax.set_yticks([h * (i + 0.5) for i in range(4 * S)], labels, fontsize=7)
     ax.set_xticks([w * (t + 0.5) for t in range(T)], [str(t - n_ctx + 1) for t in range(T)],
                   fontsize=6)
     ax.set_title(f"held-out open-loop rollouts, true actions: {n_ctx} context frames (green; "

@@ -608,7 +608,8 @@ def train(a: Args) -> dict:
     # Measuring instruments live in tokenizer_eval.py; imported here so the method file never
     # depends on them at import time.
     import tokenizer_eval
-    tokenizer_eval.report(model, held_loader, a.seed, device, a.out)
+    moving = tokenizer_eval.report(model, held_loader, a.seed, device, a.out, a.eval_batches,
+                                   a.batch_size)
     cache = build_latent_cache(model, a.data, a.out, device)
     summary = {
         "stage": "tokenizer", "preset": a.preset, "device": str(device),
@@ -623,6 +624,7 @@ def train(a: Args) -> dict:
         "latent_cache_frames": cache["frames"], "latent_cache_s": cache["seconds"],
         "bottleneck": [a.n_latents, a.latent_dim], "image_size": a.image_size,
     }
+    summary.update(moving)  # changed-pixel PSNR and the collapse alarm
     common.write_json(os.path.join(a.out, "summary.json"), summary)
     print("summary:", json.dumps(summary))
     return summary
