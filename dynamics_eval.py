@@ -11,6 +11,9 @@ apart and draws them:
     action_probe        action use without sampling noise (one teacher-forced step)
     generation_speed    frames/s at batch 1 with the KV cache; cached vs uncached
     save_pictures       rollout.png, rollout.gif, rollout_psnr.png, loss_tau_d.png
+    action_following    generated frames read back into the agent's tile, facing and inventory
+                        against the real environment, beside baselines; actions shifted ±1 frame
+                        (built-in datasets only; follow.png)
 dynamics.train calls `report` at its end. Re-evaluate a finished run folder (its checkpoint's
 model and data; the flags given here override its evaluation settings) and rewrite its
 summary.json and pictures:
@@ -30,6 +33,7 @@ import torch
 import common
 import data
 import dynamics
+import environment
 from dynamics import (Args, context_signal_level, corrupt, decode_after, forcing_batch,
                       psnr_scores, rollout, row_select, shift_actions, shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
@@ -61,6 +65,7 @@ def report(model, tok, held: LatentCache, a: Args, device, figures: dict, rollou
           f"{out[f'latent_mse_k{k}']:.4f} vs repeat-last {out['latent_mse_repeat_last']:.4f} | "
           f"{out['gen_fps']:.0f} frames/s (batch 1, K={k}, cache) | "
           f"cache speed-up ×{out['cache_speedup_ctx32']:.1f} at 32 context frames")
+    out.update(action_following(model, tok, held, a, device, rollouts, recon))  # built-in data
     return out
 
 
@@ -375,6 +380,238 @@ def save_pictures(ev: dict, true: torch.Tensor, generated: torch.Tensor, probe: 
         fig.tight_layout()
         fig.savefig(os.path.join(out, "loss_tau_d.png"), dpi=100)
         plt.close(fig)
+
+
+# ==== Action following: generated frames read back into a state (built-in environment only) ====
+# The built-in frames are sprites on an 8 × 8 grid of tiles, so a frame can be parsed back into the
+# agent's tile, its facing and the inventory. environment.decode_frames needs the exact pixels of
+# Env's sprites, which a tokenizer decoder never reproduces: generated frames are read tile by
+# tile as the nearest sprite instead (`read_frames`), and a frame in which not exactly one tile
+# reads as the agent counts as wrong.
+FOLLOW_WHAT = ("tile", "facing", "inventory")
+
+
+def read_frames(frames) -> dict:
+    """The state of frames (B, H_px, W_px, 3) with values in 0…255 (any dtype), read as the
+    nearest sprite (squared pixel distance) per map tile and per inventory slot. Returns app
+    (B, ROWS, COLS) appearance ids and inv (B, 7) counts, as environment.decode_frames."""
+    x = np.asarray(frames, np.float64)
+    B, H, W, _ = x.shape
+    s, bank = H // 8, environment._sprites(H)
+    cells = x.reshape(B, 8, s, 8, s, 3).transpose(0, 1, 3, 2, 4, 5)  # (B, 8, 8, s, s, 3)
+    cells = cells.reshape(B, 64, -1)  # (B, 64, s·s·3)
+    tiles = bank["tiles"].reshape(len(bank["tiles"]), -1).astype(np.float64)  # (34, s·s·3)
+    slots = bank["slots"][:7].reshape(7, environment.MAX_COUNT + 1, -1).astype(np.float64)
+    # ‖x − t‖² = ‖x‖² − 2·x·t + ‖t‖²; ‖x‖² is the same for every sprite, so it is left out
+    # (a product, not a (B, 56, 34, s·s·3) difference: that is gigabytes at 64 × 64)
+    d_tile = (tiles ** 2).sum(-1) - 2 * cells[:, :56] @ tiles.T  # (B, 56, 34)
+    cross = np.einsum("bkp,knp->bkn", cells[:, 56:63], slots)  # (B, 7, 5) slot · count sprite
+    d_slot = (slots ** 2).sum(-1) - 2 * cross  # (B, 7, 5)
+    return {"app": d_tile.argmin(-1).reshape(B, environment.ROWS, environment.COLS),
+            "inv": d_slot.argmin(-1)}
+
+
+def agent_of(app: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The agent's tile (flat index r·COLS + c) and facing (0 up, 1 down, 2 left, 3 right) in
+    appearance ids app (B, ROWS, COLS); both −1 where not exactly one tile shows the agent."""
+    flat = app.reshape(len(app), -1)  # (B, 56)
+    is_agent = (flat >= environment.AGENT_APP) & (flat < environment.CREATURE_APP)  # (B, 56)
+    one = is_agent.sum(-1) == 1  # (B,)
+    cell = is_agent.argmax(-1)  # (B,)
+    facing = (flat[np.arange(len(flat)), cell] - environment.AGENT_APP) % 4  # (B,)
+    return np.where(one, cell, -1), np.where(one, facing, -1)
+
+
+def follow_hits(frames, real: np.ndarray) -> dict:
+    """Per window and horizon step, is the state read from frames (B, H, H_px, W_px, 3) in
+    0…255 that of the real environment's frames real (B, H, H_px, W_px, 3) uint8? Returns tile
+    (agent on the right tile), facing (right tile and facing), inventory (all 7 counts), each a
+    (B, H) bool array."""
+    B, H = real.shape[:2]
+    got = read_frames(np.asarray(frames).reshape(B * H, *real.shape[2:]))
+    want = environment.decode_frames(real.reshape(B * H, *real.shape[2:]))  # exact: Env's pixels
+    (cell, facing), (cell_r, facing_r) = agent_of(got["app"]), agent_of(want["app"])
+    tile = (cell == cell_r) & (cell >= 0)  # (B·H,)
+    hits = {"tile": tile, "facing": tile & (facing == facing_r),
+            "inventory": (got["inv"] == want["inv"]).all(-1)}
+    return {k: v.reshape(B, H) for k, v in hits.items()}
+
+
+def exact_parse_share(frames) -> float:
+    """Share of frames (N, H_px, W_px, 3) in 0…1 that environment.decode_frames reads exactly
+    (every tile a sprite pixel for pixel, after rounding to 8 bits)."""
+    ok = 0
+    for f in np.asarray(frames):
+        try:
+            environment.decode_frames(np.round(f[None] * 255).astype(np.uint8))
+            ok += 1
+        except ValueError:
+            pass
+    return ok / len(frames)
+
+
+def shift_window(actions: torch.Tensor, by: int) -> torch.Tensor:
+    """The window's actions (B, T, A) shifted in time by `by` frames, a′_t = a_{t−by}: +1
+    arrives a frame late, −1 a frame early; no-ops (all classes 0) where it leaves the window."""
+    out = torch.zeros_like(actions)  # (B, T, A) no-ops
+    if by > 0:
+        out[:, by:] = actions[:, :-by]
+    elif by < 0:
+        out[:, :by] = actions[:, -by:]
+    else:
+        out[:] = actions
+    return out
+
+
+def follow_figures(prefix: str, hits: dict) -> dict:
+    """Summary keys of follow_hits: share per horizon step, at the first and the 8th generated
+    frame (when generated), and the mean over the horizon."""
+    out = {}
+    for what in FOLLOW_WHAT:
+        per = hits[what].mean(0).tolist()  # (H,) share of windows
+        key = f"{prefix}_{what}_acc"
+        out.update({f"{key}_per_horizon": per, f"{key}_first": per[0], key: float(np.mean(per))})
+        if len(per) >= 8:
+            out[f"{key}_8th"] = per[7]
+    return out
+
+
+@torch.no_grad()
+def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
+                     recon: torch.Tensor) -> dict:
+    """Does the generated agent go where the real one goes under the same actions (not in paper)?
+
+    The held-out windows of dynamics.evaluate, read back into a state (read_frames) per horizon
+    step: the K = sample_k rollout under the true actions and under the shuffled ones (reused,
+    not regenerated), copying the last context frame, and the tokenizer's reconstruction recon
+    (B, T, H_px, W_px, 3) of the real frames (a ceiling: a perfect dynamics model seen through
+    this decoder). The truth: the episode replayed in environment.Env under the same actions
+    (data.simulate_future with the episode's own draws). The timing check generates two more
+    rollouts (evaluate's noise) under the window's actions shifted by ±1 frame (an off-by-one the
+    shuffle test misses), and steps the real environment under them, where they must differ."""
+    meta, Tc, H = held.meta, a.eval_context, a.eval_horizon
+    if ro["actions"] is None or meta.get("generator") != data.GENERATOR \
+            or meta.get("tasks") != environment.TASKS:
+        print("eval: action following skipped: the frames are not the built-in environment's "
+              "(meta.json generator and tasks), so they cannot be read back into a state")
+        return {}
+    acts = {"true": ro["actions"], "plus1": shift_window(ro["actions"], 1),
+            "minus1": shift_window(ro["actions"], -1)}  # (B, T, A) each
+    batch, real = ro["batch"], {name: [] for name in acts}
+    for j, (episode, start) in enumerate(zip(batch["episode_ids"], batch["episode_starts"])):
+        plans = [x[j, Tc - 1:Tc - 1 + H].cpu().numpy() for x in acts.values()]  # (H, A) each
+        futures = data.simulate_future(held.data_root, episode, start + Tc - 1, plans, meta=meta)
+        if futures is None:
+            print(f"eval: action following skipped: episode {episode} cannot be replayed")
+            return {}
+        for name, f in zip(acts, futures):
+            real[name].append(f)
+    real = {name: np.stack(f) for name, f in real.items()}  # (B, H, H_px, W_px, 3) uint8 each
+    recorded = (ro["true"][:, Tc:] * 255).round().byte().cpu().numpy()
+    assert np.array_equal(real["true"], recorded), "the replay must give the recorded frames"
+
+    k = a.sample_k
+    last = (ro["true"][:, Tc - 1:Tc] * 255).round().byte().cpu().numpy()  # (B, 1, H_px, W_px, 3)
+    copy = last.repeat(H, 1)  # (B, H, H_px, W_px, 3) the last context frame, H times
+    candidates = {"follow": ro["pixels"][f"k{k}"], "follow_copy": copy,
+                  "follow_tokenizer": recon[:, Tc:]}
+    if ro["shuffled"] is not None:
+        candidates["follow_shuffled"] = ro["pixels"]["shuffled"]
+    gen = ro["pixels"][f"k{k}"]  # (B, H, H_px, W_px, 3) in 0…1
+    flat = gen.flatten(0, 1).cpu().numpy()  # (B·H, H_px, W_px, 3) in 0…1
+    # Whether the agent is drawn at all tells "not drawn" from "drawn on the wrong tile".
+    found = agent_of(read_frames(flat * 255)["app"])[0] >= 0  # (B·H,)
+    out = {"follow_exact_parse_share": exact_parse_share(flat),
+           "follow_agent_found_share": float(found.mean())}
+    for prefix, frames in candidates.items():
+        pixels = frames if isinstance(frames, np.ndarray) else frames.cpu().numpy() * 255
+        out.update(follow_figures(prefix, follow_hits(pixels, real["true"])))
+
+    # The timing check: the model and the environment under the actions shifted by ±1 frame.
+    ctx = pack(ro["latents"][:, :Tc])  # (B, T_c, N_z, C_z)
+    true_px = ro["true"][:, Tc:]  # (B, H, H_px, W_px, 3)
+    out["shift_true_tile_acc"] = out["follow_tile_acc"]
+    out["shift_true_psnr"] = psnr_scores("true", gen, true_px)["psnr_true"]  # = psnr_k{K}
+    for name in ("plus1", "minus1"):
+        g = torch.Generator(device).manual_seed(a.seed)  # evaluate's noise: only the actions differ
+        with common.autocast(device):
+            z = rollout(model, ctx, acts[name], H, k, a.ctx_tau, g).float()  # (B, H, N_z, C_z)
+        px = decode_after(tok, ro["latents"][:, :Tc], z, device)  # (B, H, H_px, W_px, 3)
+        hits = follow_hits(px.cpu().numpy() * 255, real["true"])
+        out[f"shift_{name}_tile_acc_per_horizon"] = hits["tile"].mean(0).tolist()
+        out[f"shift_{name}_tile_acc"] = float(hits["tile"].mean())
+        scores = psnr_scores(name, px, true_px)
+        out[f"shift_{name}_psnr"] = scores[f"psnr_{name}"]
+        out[f"shift_{name}_psnr_per_horizon"] = scores[f"psnr_{name}_per_horizon"]
+        env_hits = follow_hits(real[name], real["true"])  # a perfect model fed shifted actions
+        out[f"shift_{name}_env_tile_acc"] = float(env_hits["tile"].mean())
+        differs = (real[name] != real["true"]).reshape(len(recorded), -1).any(-1)  # (B,)
+        out[f"shift_{name}_env_frames_differ"] = float(differs.mean())
+    out["shift_true_beats_both"] = all(
+        out["shift_true_tile_acc"] > out[f"shift_{n}_tile_acc"]
+        and out["shift_true_psnr"] > out[f"shift_{n}_psnr"] for n in ("plus1", "minus1"))
+    print_following(out, k)
+    save_following_picture(out, a.out)
+    return out
+
+
+def print_following(out: dict, k: int) -> None:
+    """The one-line summary of action_following: at the first and the 8th (else the last)
+    generated frame."""
+    at = "8th" if "follow_tile_acc_8th" in out else "last"
+    h = 7 if at == "8th" else -1  # index of that frame in the per-horizon lists
+
+    def pair(key):  # "first/8th" shares of a follow_* key
+        return f"{out[key + '_first']:.2f}/{out[key + '_per_horizon'][h]:.2f}"
+
+    shuffled = (f", shuffled actions {pair('follow_shuffled_tile_acc')}"
+                if "follow_shuffled_tile_acc_first" in out else "")
+    print(f"eval: action following (K={k}; share right at generated frame 1/{at}): agent tile "
+          f"{pair('follow_tile_acc')} vs copy {pair('follow_copy_tile_acc')}{shuffled} | "
+          f"tile+facing {pair('follow_facing_acc')} | inventory {pair('follow_inventory_acc')} "
+          f"(copy {pair('follow_copy_inventory_acc')}) | tokenizer reconstruction (ceiling): "
+          f"tile {pair('follow_tokenizer_tile_acc')} | actions shifted +1/−1: tile "
+          f"{out['shift_plus1_tile_acc']:.2f}/{out['shift_minus1_tile_acc']:.2f} vs true "
+          f"{out['shift_true_tile_acc']:.2f}, PSNR {out['shift_plus1_psnr']:.2f}/"
+          f"{out['shift_minus1_psnr']:.2f} vs {out['shift_true_psnr']:.2f} dB, true best: "
+          f"{'yes' if out['shift_true_beats_both'] else 'NO'}; the environment: frames differ in "
+          f"{100 * out['shift_plus1_env_frames_differ']:.0f}/"
+          f"{100 * out['shift_minus1_env_frames_differ']:.0f} % of windows | one agent drawn in "
+          f"{100 * out['follow_agent_found_share']:.0f} % of generated frames; decode_frames "
+          f"reads {100 * out['follow_exact_parse_share']:.0f} % exactly (the rest: nearest sprite)")
+
+
+def save_following_picture(out: dict, run_dir: str) -> None:
+    """follow.png: per horizon step, the share of held-out rollouts whose agent tile, facing and
+    inventory match the real environment, the model beside its baselines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+    lines = (("follow", "model, true actions"), ("follow_shuffled", "model, shuffled actions"),
+             ("follow_copy", "copy the last context frame"),
+             ("follow_tokenizer", "tokenizer reconstruction (ceiling)"))
+    for ax, what in zip(axes, FOLLOW_WHAT):
+        for prefix, label in lines:
+            key = f"{prefix}_{what}_acc_per_horizon"
+            if key in out:
+                ax.plot(range(1, len(out[key]) + 1), out[key], "o-", ms=3, label=label)
+        if what == "tile":
+            for name, label in (("plus1", "actions +1 frame late"),
+                                ("minus1", "actions 1 frame early")):
+                per = out[f"shift_{name}_tile_acc_per_horizon"]
+                ax.plot(range(1, len(per) + 1), per, "--", label=f"model, {label}")
+        ax.set_title({"tile": "agent tile", "facing": "agent tile and facing",
+                      "inventory": "inventory (all 7 slots)"}[what], fontsize=9)
+        ax.set_xlabel("frames after the context")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("share of held-out rollouts right")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "follow.png"), dpi=100)
+    plt.close(fig)
 
 
 # What the command line may change; the rest comes from the checkpoint's args.

@@ -1,0 +1,137 @@
+"""Tests of the action-following instruments of dynamics_eval.py: generated frames read back into
+the agent's tile, its facing and the inventory, scored against the real environment's frames;
+the actions shifted by ±1 frame for the timing check."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import environment
+from dynamics_eval import follow_hits, read_frames, shift_window
+
+SIZE, T = 32, 12  # 32×32 frames (4 pixels per tile), frames per hand-made episode
+SEED = environment.episode_seed(0, "data", 0)  # the world of dataset episode ep000000
+
+
+def walk(seed: int = SEED, steps: int = T - 1):
+    """An Env after `steps` random moves from reset(seed), and the frames (T, H, W, 3) uint8."""
+    env = environment.Env(SIZE)
+    frames = [env.reset(seed)]
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        frames.append(env.step(np.array([rng.integers(1, 5), 0, 0, 0]))[0])
+    return env, np.stack(frames)
+
+
+def as_generated(frames: np.ndarray) -> np.ndarray:
+    """Real frames as the decoder would give them: float pixel values 0…255."""
+    return frames.astype(np.float32)
+
+
+def edited(env, **state) -> np.ndarray:
+    """The frame env would render with some of its state replaced (agent, facing, inv)."""
+    other = copy.deepcopy(env)
+    for k, v in state.items():
+        setattr(other, k, v)
+    return other.render()
+
+
+def free_neighbour(env) -> tuple:
+    """A walkable neighbour of the agent that nobody stands on."""
+    cells = [environment._next(env.agent, m) for m in range(1, 5)]
+    return next(c for c in cells if env._free(c))
+
+
+# ---------------------------------------------------------------- reading and scoring
+
+def test_real_frames_as_generated_score_all_right():
+    _, frames = walk()
+    hits = follow_hits(as_generated(frames)[None], frames[None])  # (1, T) each
+    for what, right in hits.items():
+        assert right.all(), f"{what}: the real frames must read as themselves"
+
+
+def test_nearest_sprite_reads_noisy_frames_as_the_clean_ones():
+    _, frames = walk()
+    noise = np.random.default_rng(0).normal(0, 20, frames.shape)  # a blurry decoder's error
+    got = read_frames(as_generated(frames) + noise)
+    want = environment.decode_frames(frames)
+    np.testing.assert_array_equal(got["app"], want["app"])
+    np.testing.assert_array_equal(got["inv"], want["inv"])
+
+
+def test_agent_moved_one_tile_gives_zero_tile_accuracy_at_that_step():
+    env, frames = walk()
+    generated = as_generated(frames).copy()
+    generated[-1] = edited(env, agent=free_neighbour(env))
+    hits = follow_hits(generated[None], frames[None])["tile"][0]  # (T,)
+    assert not hits[-1], "the agent one tile off must count as wrong"
+    assert hits[:-1].all(), "the other steps are untouched"
+
+
+def test_wrong_facing_on_the_right_tile_is_right_tile_wrong_facing():
+    env, frames = walk()
+    generated = as_generated(frames).copy()
+    generated[-1] = edited(env, facing=(env.facing + 1) % 4)
+    hits = follow_hits(generated[None], frames[None])
+    assert hits["tile"][0, -1] and not hits["facing"][0, -1]
+
+
+def test_a_frame_without_the_agent_counts_as_wrong():
+    env, frames = walk()
+    generated = as_generated(frames).copy()
+    r, c = env.agent
+    s = SIZE // 8
+    generated[-1, r * s:(r + 1) * s, c * s:(c + 1) * s] = frames[0, 0:s, 0:s]  # a copy of a tile
+    hits = follow_hits(generated[None], frames[None])
+    assert not hits["tile"][0, -1] and not hits["facing"][0, -1]
+
+
+def test_one_inventory_count_off_makes_the_inventory_wrong():
+    env, frames = walk()
+    generated = as_generated(frames).copy()
+    inv = list(env.inv)
+    inv[environment.WOOD] += 1
+    generated[-1] = edited(env, inv=inv)
+    hits = follow_hits(generated[None], frames[None])
+    assert not hits["inventory"][0, -1] and hits["tile"][0, -1]
+
+
+# ---------------------------------------------------------------- the timing check
+
+def test_shift_window_delays_or_advances_the_actions_with_no_op_padding():
+    acts = torch.tensor([[[1, 0], [2, 1], [3, 0], [4, 1]]])  # (B=1, T=4, A=2)
+    late = torch.tensor([[[0, 0], [1, 0], [2, 1], [3, 0]]])  # a′_t = a_{t−1}
+    early = torch.tensor([[[2, 1], [3, 0], [4, 1], [0, 0]]])  # a′_t = a_{t+1}
+    assert torch.equal(shift_window(acts, 1), late)
+    assert torch.equal(shift_window(acts, -1), early)
+
+
+@pytest.fixture
+def one_episode(tmp_path) -> str:
+    """A one-episode built-in dataset (ep000000, random moves) as data.generate would write it."""
+    root = str(tmp_path / "one")
+    os.makedirs(root)
+    ep = environment.rollout(environment.RandomPolicy(3), [SEED], SIZE, 24)
+    data.write_episode(root, "ep000000", ep["frames"][0], ep["actions"][0], ep["rewards"][0])
+    data.write_meta(root, {"format_version": 1, "generator": data.GENERATOR, "seed": 0,
+                           "image_size": SIZE, "fps": 10, "episode_len": 24,
+                           "action_components": environment.ACTION_COMPONENTS,
+                           "tasks": environment.TASKS,
+                           "split": {"train": [], "heldout": ["ep000000"]}})
+    return root
+
+
+def test_shifted_actions_give_other_frames_in_the_real_environment(one_episode):
+    recorded = np.load(os.path.join(one_episode, "ep000000.npz"))
+    acts = torch.from_numpy(recorded["actions"])[None]  # (1, T, A)
+    t, H = 8, 8  # the last context frame, the generated frames after it
+    plans = [shift_window(acts, by)[0, t:t + H].numpy() for by in (0, 1, -1)]  # (H, A) each
+    true, late, early = data.simulate_future(one_episode, "ep000000", t, plans)
+    np.testing.assert_array_equal(true, recorded["frames"][t + 1:t + 1 + H])
+    assert not np.array_equal(late, true), "actions a frame late must give other frames"
+    assert not np.array_equal(early, true), "actions a frame early must give other frames"
