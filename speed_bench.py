@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import data
@@ -108,8 +109,10 @@ def race(make, variants: list[str], rounds: int, steps: int, warmup: int) -> dic
     """Interleaved timing: every round runs `steps` steps of each variant in turn. A variant is
     "fp32", "bf16", "fp32+compile" or "bf16+compile". Returns frames/s per variant (total frames
     over total time after warm-up) and, for compiled ones, the warm-up time and graph count."""
-    out = {}
-    runs = {}
+    out, runs = {}, {}
+    with FlopCounterMode(display=False) as counter:  # FLOPs of one eager step, per frame
+        frames = make(False)(0)
+    flops_per_frame = counter.get_total_flops() / frames
     for v in variants:
         dtype, compile_ = v.split("+")[0], v.endswith("+compile")
         common._COMPUTE["dtype"] = dtype
@@ -137,6 +140,9 @@ def race(make, variants: list[str], rounds: int, steps: int, warmup: int) -> dic
         out[v]["frames_per_s"] = out[v]["frames"] / out[v]["seconds"]
         # the median over rounds of this round's ratio: robust to a busy neighbour in one round
         out[v]["ratio"] = float(np.median(np.array(out[v]["rates"]) / base))
+        # MFU against the probe's measured peak of this variant's dtype
+        peak = common._COMPUTE["peaks"][v.split("+")[0]]
+        out[v]["mfu"] = flops_per_frame * out[v]["frames_per_s"] / peak
     return out
 
 
@@ -150,7 +156,9 @@ def profile(make, dtype: str, steps: int) -> None:
         for i in range(1, steps + 1):
             step(i)
     print(f"--- profile, {dtype}, {steps} steps")
-    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
+    table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=14,
+                                   max_name_column_width=40)
+    print(table)
 
 
 def cache_race(a: tokenizer.Args, episodes: int, rounds: int) -> dict:
@@ -198,8 +206,9 @@ def main(argv: list[str] | None = None):
         res = race(make, variants, args.rounds, args.steps, args.warmup)
         for v, r in res.items():
             print(f"{name:9s} {v:13s} {r['frames_per_s']:8.1f} frames/s  ×{r['ratio']:.2f} "
-                  f"(median of rounds) | warm-up {r['warmup_s']:.1f}s, graphs compiled: warm-up "
-                  f"{r['graphs_warmup']}, timed {r['graphs'] - r['graphs_warmup']}")
+                  f"(median of rounds), MFU {100 * r['mfu']:.0f} % | warm-up "
+                  f"{r['warmup_s']:.1f}s, graphs compiled: warm-up {r['graphs_warmup']}, "
+                  f"timed {r['graphs'] - r['graphs_warmup']}")
         for dtype in ("fp32", "bf16") if args.profile else ():
             profile(make, dtype, args.profile)
     if "cache" in args.stages:
