@@ -134,3 +134,15 @@ def test_forced_bf16_trains_a_smoke_tokenizer_and_dynamics(tmp_path):
         assert 0 < s["mfu"] < 10 and math.isfinite(s[figure]), (folder, s["mfu"], s[figure])
     metrics = [json.loads(line) for line in open(os.path.join(dyn, "metrics.jsonl"))]
     assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_speed_bench_runs_every_variant_at_the_smoke_preset(restore_dtype, capsys, one_thread):
+    """speed_bench.py (the instrument behind docs/log.md's speed figures) end to end, eager only:
+    a ratio and an MFU per variant, and the latent-cache comparison."""
+    import speed_bench
+    speed_bench.main(["--preset", "smoke", "--threads", "1", "--variants", "fp32,bf16",
+                      "--rounds", "1", "--steps", "1", "--warmup", "1", "--cache-episodes", "1"])
+    out = capsys.readouterr().out
+    for line in ("tokenizer fp32", "tokenizer bf16", "dynamics  fp32", "dynamics  bf16"):
+        assert line in out and "MFU" in out.split(line)[1].split("\n")[0], line
+    assert "latent cache: fp32" in out and "max |z_bf16" in out
