@@ -75,12 +75,13 @@ class Args:
     resume: bool = False  # continue the run in --out from its ckpt.pt
     seed: int = 0  # seed for init, data, noise, evaluation worlds and action sampling
     device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16: compute dtype; auto = start-up probe (not in paper)
     compile: bool = False  # torch.compile the training forward (off by default)
 
 
 PRESETS = {
     "smoke": dict(dynamics="runs/smoke/dynamics/ckpt.pt", out="runs/smoke/agent", head_hidden=16,
-                  batch=4, seq_len=4, steps=6, warmup=2, log_every=2, ckpt_every=3,
+                  batch=4, seq_len=4, steps=6, warmup=2, log_every=2, ckpt_every=3, dtype="fp32",
                   eval_episodes=2, eval_batches=1, compare="runs/smoke/agent_scratch/summary.json"),
     "cpu": dict(dynamics="runs/cpu/dynamics/ckpt.pt", out="runs/cpu/agent", head_hidden=128,
                 batch=16, seq_len=16, steps=700, lr=1e-3, warmup=100, ckpt_every=100,
@@ -437,7 +438,7 @@ def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 
@@ -499,6 +500,7 @@ def train(a: Args) -> dict:
     dargs = dyn_ckpt["args"]  # the world model's Eq 4 / Eq 7 settings carry over (as in stage 1b)
     tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
     n_uni = a.batch - int(round(a.batch * a.relevant_frac))  # uniform rows; the rest: relevant
+    flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run = time.time(), 0
     while step < a.steps:
         # Per-step streams seeded from (seed, step): --resume sees exactly the batches and noise of
@@ -561,11 +563,8 @@ def train(a: Args) -> dict:
 
     summary = {
         "stage": "agent", "preset": a.preset, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "steps": step, "steps_this_run": steps_run, "wall_s": wall,
-        "steps_per_s": steps_run / max(wall, 1e-9),
-        "frames_per_s": steps_run * a.batch * a.seq_len / max(wall, 1e-9),
-        "peak_mem_gb": common.peak_memory_gb(device), "params_m": n_params / 1e6,
+        "steps": step, "steps_this_run": steps_run, "params_m": n_params / 1e6,
+        **flops.speed(device, wall, steps_run, steps_run * a.batch * a.seq_len),
         "policy": POLICY[a.from_scratch], "from_scratch": a.from_scratch, "mtp": a.mtp,
         "video_loss": video_loss, "eval_episodes": a.eval_episodes, "ctx_tau_used": tau_c,
         "reprompt": a.reprompt}

@@ -268,7 +268,7 @@ def reevaluate(run_dir: str, **changes) -> dict:
     a = agent.Args(**{k: v for k, v in ckpt["args"].items() if k in known})  # older runs: more
     a = dataclasses.replace(a, **changes)
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)  # the run's dtype
     model = model.to(device)
     tok, _ = load_tokenizer(ckpt["tokenizer"], device)
     held = LatentCache(os.path.dirname(ckpt["tokenizer"]), "heldout", seed=a.seed + 1)

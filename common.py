@@ -12,6 +12,9 @@ Paper coverage (§3.4 "Efficient transformer", §3 intro):
   - a KV cache over the time axis for fast generation      -> KVCache
   - "all loss terms are divided by running estimates of their RMS" -> RunningRMS
 
+Plumbing (not in paper): arguments, the device and the compute dtype (a start-up matmul probe
+picks bf16 autocast where it is measurably faster), FLOPs and MFU, seeding, checkpoints, logs.
+
 Deviations from the paper and choices it leaves open: docs/deviations.md (section `common.py`).
 
 Shape legend (used in every file):
@@ -372,13 +375,16 @@ def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """--device auto picks cuda, then mps, then cpu, and says which."""
+def pick_device(name: str = "auto", dtype: str = "auto") -> torch.device:
+    """--device auto picks cuda, then mps, then cpu, and says which; then the compute dtype
+    (--dtype auto|fp32|bf16) is decided for this process by a matmul probe (set_compute_dtype)."""
     if name == "auto":
         mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
         name = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
     print(f"device: {name}")
-    return torch.device(name)
+    device = torch.device(name)
+    set_compute_dtype(device, dtype)
+    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -388,10 +394,143 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ------------------------------------------------ Compute dtype (a measured probe) and MFU
+# Rows × D_in → D_out of the cpu preset's matmuls: the tokenizer's 64 → 256 and the dynamics'
+# 128 → 512 SwiGLU maps over a batch of tokens. The bf16 gain depends on the shape and the chip
+# (bf16 matrix units or not), so it is measured where the stages run, not assumed.
+PROBE_SHAPES = ((2304, 64, 256), (1408, 128, 512))
+# The one process-wide decision, like torch's own thread count: set by pick_device at start-up,
+# read by autocast() at every call site. Before any decision: bf16 on CUDA only.
+_COMPUTE = {"dtype": None, "peaks": {}}
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peaks(device: torch.device, shapes=PROBE_SHAPES, rounds: int = 3,
+                 reps: int = 8) -> dict[str, float]:
+    """Measured FLOP/s (2·m·k·n per matmul) of fp32 and bf16 matmuls at `shapes`, with all the
+    threads of the process: the best of rounds × reps single matmuls, the two dtypes interleaved
+    so that a neighbour's load on shared cores hits both alike."""
+    peaks = {"fp32": 0.0, "bf16": 0.0}
+    gen = torch.Generator(device).manual_seed(0)  # its own: the stage's seeded streams stay put
+    for _ in range(rounds):
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            for m, k, n in shapes:
+                x = torch.randn(m, k, device=device, generator=gen).to(dt)
+                w = torch.randn(k, n, device=device, generator=gen).to(dt)
+                x @ w  # warm-up: kernel choice and weight packing are not throughput
+                for _ in range(reps):  # the best single matmul: a time slice lost to another
+                    _sync(device)      # process spoils one sample, not the whole figure
+                    t0 = time.perf_counter()
+                    x @ w
+                    _sync(device)
+                    rate = 2 * m * k * n / max(time.perf_counter() - t0, 1e-9)
+                    peaks[name] = max(peaks[name], rate)
+    return peaks
+
+
+def choose_dtype(want: str, device_type: str, peaks: dict[str, float], cuda_bf16: bool = True,
+                 min_gain: float = 1.3) -> str:
+    """The compute dtype: `want` unless "auto"; auto is bf16 on a CUDA GPU that supports it, and
+    on a CPU whose measured bf16 matmul is at least `min_gain` × its fp32 one (a smaller gain
+    does not pay for the casts around every matmul); fp32 elsewhere (mps: fp32, untested)."""
+    assert want in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {want}"
+    if want != "auto":
+        return want
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16 else "fp32"
+    if device_type == "cpu" and peaks.get("bf16", 0.0) >= min_gain * peaks.get("fp32", 0.0):
+        return "bf16"
+    return "fp32"
+
+
+def set_compute_dtype(device: torch.device, want: str = "auto") -> str:
+    """Probe the matmul peaks, choose the dtype for this process, print both; returns it."""
+    peaks = matmul_peaks(device)
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = choose_dtype(want, device.type, peaks, cuda_bf16)
+    _COMPUTE.update(dtype=dtype, peaks=peaks)
+    how = "chosen by the probe" if want == "auto" else "--dtype"
+    print(f"compute dtype: {dtype} ({how}; measured matmul peaks, torch threads "
+          f"{torch.get_num_threads()}: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s)")
+    return dtype
+
+
+def compute_dtype(device: torch.device | str | None = None) -> str:
+    """The dtype pick_device chose; before any choice, bf16 on CUDA and fp32 elsewhere."""
+    if _COMPUTE["dtype"] is not None:
+        return _COMPUTE["dtype"]
+    return "bf16" if device is not None and torch.device(device).type == "cuda" else "fp32"
+
+
 def autocast(device: torch.device | str):
-    """bf16 autocast on GPU, plain fp32 elsewhere."""
+    """bf16 autocast when the compute dtype is bf16, plain fp32 otherwise. What must stay fp32
+    does so explicitly: RMSNorm's statistic, attention logits and softmax, the losses."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    bf16 = compute_dtype(device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+class FlopMeter:
+    """FLOPs of one training step, counted by torch.utils.flop_counter on the run's first step.
+
+    Made just before the training loop: counting starts at once and stops at the first
+    opt.step() (forward, backward and optimiser of one real batch; slow, so never every step).
+    Then speed() gives summary.json's speed keys, the MFU among them.
+    """
+
+    _open = None  # a meter still counting: a run that failed in its first step leaves one
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        from torch.utils.flop_counter import FlopCounterMode
+        if FlopMeter._open is not None:
+            FlopMeter._open.stop()
+        self.flops, self.mode = None, FlopCounterMode(display=False)
+        self.mode.__enter__()
+        FlopMeter._open = self
+        self.hook = opt.register_step_post_hook(self._after_step)
+
+    def _after_step(self, *_) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.flops, self.mode = self.mode.get_total_flops(), None
+            self.hook.remove()
+            FlopMeter._open = None
+
+    def speed(self, device: torch.device, wall: float, steps: int, frames: int) -> dict:
+        """The speed keys of summary.json for `steps` training steps of `frames` frames in all,
+        taking `wall` seconds; prints the MFU."""
+        self.stop()
+        steps_per_s = steps / max(wall, 1e-9)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        return {"device_name": name, "wall_s": wall, "steps_per_s": steps_per_s,
+                "frames_per_s": frames / max(wall, 1e-9), "peak_mem_gb": peak_memory_gb(device),
+                **mfu_figures(self.flops or 0, steps_per_s)}
+
+
+def mfu_figures(flops_per_step: float, steps_per_s: float, peak: float | None = None,
+                dtype: str | None = None) -> dict:
+    """MFU = flops_per_step · steps_per_s / peak, against the probe's measured matmul peak of the
+    compute dtype (not a datasheet figure: what this process's threads reach). Printed too."""
+    dtype = dtype or compute_dtype()
+    peak = peak or _COMPUTE["peaks"].get(dtype) or float("nan")
+    achieved = flops_per_step * steps_per_s
+    mfu = achieved / peak
+    print(f"speed: {flops_per_step / 1e9:.3g} GFLOP/step × {steps_per_s:.3g} steps/s = "
+          f"{achieved / 1e9:.3g} GFLOP/s | MFU {100 * mfu:.1f} % of the measured {dtype} peak "
+          f"({peak / 1e9:,.0f} GFLOP/s)")
+    return {"compute_dtype": dtype, "peak_flops": peak, "flops_per_step": flops_per_step,
+            "mfu": mfu}
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -90,6 +90,7 @@ class Args:
     resume: bool = False  # continue the run in --out from its ckpt.pt
     seed: int = 0  # seed for model init; data and noise streams are derived from (seed, step)
     device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16: compute dtype; auto = start-up probe (not in paper)
     compile: bool = False  # torch.compile the training forward (off by default)
 
 
@@ -99,7 +100,7 @@ PRESETS = {
         dim=32, depth=4, heads=2, kv_heads=1, registers=2, context=4,
         batch=4, seq_len=4, batch_long=2, seq_len_long=6, long_every=2,
         steps=6, warmup=2, log_every=2, ckpt_every=3,
-        eval_seqs=2, eval_context=2, eval_horizon=3, fps_frames=4,
+        eval_seqs=2, eval_context=2, eval_horizon=3, fps_frames=4, dtype="fp32",
     ),
     "cpu": dict(
         tokenizer="runs/cpu/tokenizer/ckpt.pt", out="runs/cpu/dynamics",
@@ -450,7 +451,7 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)
     os.makedirs(a.out, exist_ok=True)
     assert a.seq_len <= a.context < a.seq_len_long, (
         f"§3.4 needs T₁ ≤ C < T₂, got T₁ = {a.seq_len}, C = {a.context}, T₂ = {a.seq_len_long}")
@@ -503,6 +504,7 @@ def train(a: Args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device)
+    flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run, frames_run, frames_log, steps_log = time.time(), 0, 0, 0, 0
     while step < a.steps:
         # Per-step streams seeded from (seed, step): the data and the noise do not depend on model
@@ -553,10 +555,8 @@ def train(a: Args) -> dict:
     # Final evaluation, pictures, summary.json.
     summary = {
         "stage": "dynamics", "preset": a.preset, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "steps": step, "steps_this_run": steps_run, "wall_s": wall,
-        "steps_per_s": steps_run / max(wall, 1e-9), "frames_per_s": frames_run / max(wall, 1e-9),
-        "peak_mem_gb": common.peak_memory_gb(device), "params_m": n_params / 1e6,
+        "steps": step, "steps_this_run": steps_run, "params_m": n_params / 1e6,
+        **flops.speed(device, wall, steps_run, frames_run),
         "sample_k": a.sample_k, "k_max": a.k_max,
         "ctx_tau_used": context_signal_level(a.ctx_tau, a.k_max),
         "eval_context": a.eval_context, "eval_horizon": a.eval_horizon, "eval_seqs": a.eval_seqs,

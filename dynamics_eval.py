@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = Args(**{**fields, **typed, "out": run_dir})  # written where the folder is now
 
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)  # the run's dtype
     tok, _ = load_tokenizer(a.tokenizer, device)
     held = LatentCache(os.path.dirname(os.path.abspath(a.tokenizer)), "heldout", seed=a.seed + 1)
     model, _ = dynamics.load_dynamics(ckpt_path, device)  # the EMA weights when the run kept them

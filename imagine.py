@@ -87,12 +87,13 @@ class Args:
     resume: bool = False  # continue the run in --out from its ckpt.pt
     seed: int = 0  # seed for contexts, noise, action sampling and evaluation worlds
     device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16: compute dtype; auto = start-up probe (not in paper)
 
 
 PRESETS = {
     "smoke": dict(agent="runs/smoke/agent/ckpt.pt", out="runs/smoke/imagine",
                   horizon=4, context=2, batch=4, steps=4, warmup=1,
-                  log_every=2, ckpt_every=2, eval_every=2,
+                  log_every=2, ckpt_every=2, eval_every=2, dtype="fp32",
                   curve_episodes=2, eval_episodes=2, probe_starts=1,
                   compare="runs/smoke/agent_scratch/summary.json"),
     "cpu": dict(agent="runs/cpu/agent/ckpt.pt", out="runs/cpu/imagine",
@@ -447,7 +448,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 
@@ -519,6 +520,7 @@ def train(a: Args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device)
     curve_point(step)
+    flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run, t_eval = time.time(), 0, 0.0
     while step < a.steps:
         # Per-step streams seeded from (seed, step): --resume sees exactly the contexts, noise and
@@ -564,11 +566,8 @@ def train(a: Args) -> dict:
     # Final evaluation and summary.json.
     summary = {
         "stage": "imagine", "preset": a.preset, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "steps": step, "steps_this_run": steps_run, "wall_s": wall,
-        "steps_per_s": steps_run / max(wall, 1e-9),
-        "frames_per_s": steps_run * a.batch * a.horizon / max(wall, 1e-9),
-        "peak_mem_gb": common.peak_memory_gb(device),
+        "steps": step, "steps_this_run": steps_run,
+        **flops.speed(device, wall, steps_run, steps_run * a.batch * a.horizon),
         "policy": "Dreamer 4", "horizon": a.horizon, "sample_k": a.sample_k, "gamma": a.gamma,
         "lam": a.lam, "alpha": a.alpha, "beta": a.beta, "eval_episodes": a.eval_episodes,
         "curve": curve, "ctx_tau_used": context_signal_level(ctx_tau, model.k_max),

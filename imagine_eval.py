@@ -502,8 +502,9 @@ def reevaluate(run_dir: str, device: str = "auto", **overrides) -> dict:
     (imagine.evaluate) and `report` again, and rewrite run_dir/summary.json and the pictures.
     overrides: Args fields (eval_episodes, probe_starts, compare, reprompt); None keeps the run's.
     With the run's own settings the figures are those of the run (same seeds, same worlds)."""
-    dev = common.pick_device(device)
-    model, value_head, ckpt = imagine.load_imagine(os.path.join(run_dir, "ckpt.pt"), dev)
+    model, value_head, ckpt = imagine.load_imagine(os.path.join(run_dir, "ckpt.pt"))
+    dev = common.pick_device(device, ckpt["args"].get("dtype", "auto"))  # the run's compute dtype
+    model, value_head = model.to(dev), value_head.to(dev)
     model.eval()
     prior = copy.deepcopy(model.policy_head)
     prior.load_state_dict(ckpt["prior"])

@@ -78,13 +78,16 @@ class Args:
     stop_at: int = 0  # stop after this step as if interrupted (to test --resume); 0 = never
     seed: int = 0  # seed for model init, data sampling and MAE masks
     device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16: compute dtype; auto = start-up probe (not in paper)
     compile: bool = False  # torch.compile the model (off by default)
 
 
 PRESETS = {
+    # smoke: fp32 on every machine, so that the tests see the same numbers everywhere
     "smoke": dict(data="data/smoke", out="runs/smoke/tokenizer", image_size=32, patch=8,
                   width=32, depth=4, heads=2, n_latents=8, latent_dim=4, window=2, seq_len=4,
-                  batch_size=2, steps=6, warmup=2, log_every=2, eval_every=3, eval_batches=1),
+                  batch_size=2, steps=6, warmup=2, log_every=2, eval_every=3, eval_batches=1,
+                  dtype="fp32"),
     # not in paper: one 4-pixel tile per patch, 32 × 16 latents as at 64×64 (docs/deviations.md)
     "cpu": dict(data="data/diamond32", out="runs/cpu/tokenizer", image_size=32, patch=4,
                 width=64, depth=4, heads=2, n_latents=32, latent_dim=16, window=4, seq_len=4,
@@ -511,7 +514,7 @@ def evaluate(model: Tokenizer, loader, batches: int, batch_size: int, device, se
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 
@@ -564,6 +567,7 @@ def train(a: Args) -> dict:
             "lpips_used": lpips_fn is not None})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run, result = time.time(), 0, {}
     while step < a.steps:
         # Per-step generators seeded from (seed, step): the data stream and MAE masks do not
@@ -613,11 +617,8 @@ def train(a: Args) -> dict:
     cache = build_latent_cache(model, a.data, a.out, device)
     summary = {
         "stage": "tokenizer", "preset": a.preset, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "steps": step, "steps_this_run": steps_run, "wall_s": wall,
-        "steps_per_s": steps_run / max(wall, 1e-9),
-        "frames_per_s": steps_run * a.batch_size * a.seq_len / max(wall, 1e-9),
-        "peak_mem_gb": common.peak_memory_gb(device), "params_m": n_params / 1e6,
+        "steps": step, "steps_this_run": steps_run, "params_m": n_params / 1e6,
+        **flops.speed(device, wall, steps_run, steps_run * a.batch_size * a.seq_len),
         "heldout_psnr_db": result.get("psnr"), "heldout_ssim": result.get("ssim"),
         "lpips_used": lpips_fn is not None,
         "lpips_net": a.lpips_net if lpips_fn is not None else None,
@@ -632,7 +633,7 @@ def train(a: Args) -> dict:
 
 def encode(a: Args) -> dict:
     """--encode: (re)build the latent cache of --out's checkpoint, without training."""
-    device = common.pick_device(a.device)
+    device = common.pick_device(a.device, a.dtype)
     model, ckpt = load_tokenizer(os.path.join(a.out, "ckpt.pt"), device)
     root = data.ensure_dataset(a.encode_data) if a.encode_data else ckpt["args"]["data"]
     size = data.load_meta(root)["image_size"]

@@ -271,9 +271,10 @@ def report(model: tokenizer.Tokenizer, held_loader, seed: int, device, out: str,
 def reevaluate(run_dir: str, device_name: str = "auto") -> dict:
     """Recompute the held-out PSNR/SSIM and moving-pixel figures of RUN_DIR/ckpt.pt, update
     summary.json, redraw."""
-    device = common.pick_device(device_name)
-    model, ckpt = tokenizer.load_tokenizer(os.path.join(run_dir, "ckpt.pt"), device)
+    model, ckpt = tokenizer.load_tokenizer(os.path.join(run_dir, "ckpt.pt"))
     a = ckpt["args"]
+    device = common.pick_device(device_name, a.get("dtype", "auto"))  # the run's compute dtype
+    model = model.to(device)
     # The held-out sampler as in training: its own seed, reset inside evaluate and report.
     held_loader = data.SequenceDataset(a["data"], "heldout", a["seq_len"], seed=a["seed"] + 1)
     result = tokenizer.evaluate(model, held_loader, a["eval_batches"], a["batch_size"], device,
