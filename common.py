@@ -387,6 +387,21 @@ def pick_device(name: str = "auto", dtype: str = "auto") -> torch.device:
     return device
 
 
+def pick_device_for_run(a) -> torch.device:
+    """pick_device for a stage's training run `a` (its Args). The concrete compute dtype goes back
+    into a.dtype, so args.json and the checkpoint record it; with --resume and --dtype auto the
+    run's recorded dtype is reused (a second probe on a busy machine could choose the other one,
+    and a resumed run must equal an uninterrupted one)."""
+    dtype = a.dtype
+    recorded = os.path.join(a.out, "args.json")
+    if a.resume and dtype == "auto" and os.path.exists(recorded):
+        with open(recorded) as f:
+            dtype = json.load(f).get("dtype", "auto")  # auto: a run from before the probe
+    device = pick_device(a.device, dtype)
+    a.dtype = compute_dtype(device)
+    return device
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch. Data and noise samplers get their own generators besides."""
     random.seed(seed)

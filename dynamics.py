@@ -451,7 +451,7 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device, a.dtype)
+    device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
     assert a.seq_len <= a.context < a.seq_len_long, (
         f"§3.4 needs T₁ ≤ C < T₂, got T₁ = {a.seq_len}, C = {a.context}, T₂ = {a.seq_len_long}")

@@ -448,7 +448,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device, a.dtype)
+    device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 

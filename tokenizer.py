@@ -514,7 +514,7 @@ def evaluate(model: Tokenizer, loader, batches: int, batch_size: int, device, se
 
 def train(a: Args) -> dict:
     common.seed_everything(a.seed)
-    device = common.pick_device(a.device, a.dtype)
+    device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 
@@ -609,9 +609,7 @@ def train(a: Args) -> dict:
             return {}
     wall = time.time() - t_start
 
-    # Measuring instruments live in tokenizer_eval.py; imported here so the method file never
-    # depends on them at import time.
-    import tokenizer_eval
+    import tokenizer_eval  # the measuring instruments: imported here, never at the top
     moving = tokenizer_eval.report(model, held_loader, a.seed, device, a.out, a.eval_batches,
                                    a.batch_size)
     cache = build_latent_cache(model, a.data, a.out, device)
@@ -624,8 +622,8 @@ def train(a: Args) -> dict:
         "lpips_net": a.lpips_net if lpips_fn is not None else None,
         "latent_cache_frames": cache["frames"], "latent_cache_s": cache["seconds"],
         "bottleneck": [a.n_latents, a.latent_dim], "image_size": a.image_size,
+        **moving,  # changed-pixel PSNR and the collapse alarm
     }
-    summary.update(moving)  # changed-pixel PSNR and the collapse alarm
     common.write_json(os.path.join(a.out, "summary.json"), summary)
     print("summary:", json.dumps(summary))
     return summary

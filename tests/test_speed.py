@@ -5,6 +5,7 @@ timings are given to the decision, never measured here."""
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -146,3 +147,21 @@ def test_speed_bench_runs_every_variant_at_the_smoke_preset(restore_dtype, capsy
     for line in ("tokenizer fp32", "tokenizer bf16", "dynamics  fp32", "dynamics  bf16"):
         assert line in out and "MFU" in out.split(line)[1].split("\n")[0], line
     assert "latent cache: fp32" in out and "max |z_bf16" in out
+
+
+def test_resume_reuses_the_dtype_the_run_recorded(tmp_path, monkeypatch):
+    """--resume with --dtype auto takes the run's recorded dtype, not a new probe's choice."""
+    monkeypatch.setattr(common, "_COMPUTE", {"dtype": None, "peaks": {}})  # restored afterwards
+    (tmp_path / "args.json").write_text(json.dumps({"dtype": "bf16"}))
+    a = types.SimpleNamespace(device="cpu", dtype="auto", resume=True, out=str(tmp_path))
+    common.pick_device_for_run(a)
+    assert a.dtype == "bf16", f"the resumed run computes in {a.dtype}, it recorded bf16"
+    assert common.compute_dtype() == "bf16"
+
+
+def test_a_fresh_run_records_its_concrete_dtype(tmp_path, monkeypatch):
+    """The probe's choice (or --dtype) goes back into the args that args.json and ckpt record."""
+    monkeypatch.setattr(common, "_COMPUTE", {"dtype": None, "peaks": {}})  # restored afterwards
+    a = types.SimpleNamespace(device="cpu", dtype="fp32", resume=False, out=str(tmp_path))
+    common.pick_device_for_run(a)
+    assert a.dtype == "fp32" == common.compute_dtype()
