@@ -111,7 +111,7 @@ def rollout_baselines(tok, held: LatentCache, ro: dict, a: Args,
     return out, recon
 
 
-# ---- Moving pixels: rollout PSNR where the frames change, and the collapse alarm (issue 26) -----
+# ---- Moving pixels: rollout PSNR where the frames change, and the collapse alarm ----------------
 
 
 def split_scores(name: str, x: torch.Tensor, true: torch.Tensor, changed: torch.Tensor) -> dict:

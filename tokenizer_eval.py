@@ -29,7 +29,7 @@ import data
 import tokenizer
 
 
-# ---- Moving pixels: PSNR where the frames change, and the collapse alarm (issue 26) -------------
+# ---- Moving pixels: PSNR where the frames change, and the collapse alarm ----------------------
 # Full-frame PSNR and SSIM are dominated by the static pixels: a tokenizer that keeps the background
 # and drops the small moving objects still scores well. These figures look only at what moves.
 
