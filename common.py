@@ -419,7 +419,7 @@ PROBE_SHAPES = ((2304, 64, 256), (1408, 128, 512))
 _COMPUTE = {"dtype": None, "peaks": {}}
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     """Wait for queued GPU work, so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -441,10 +441,10 @@ def matmul_peaks(device: torch.device, shapes=PROBE_SHAPES, rounds: int = 3,
                 w = torch.randn(k, n, device=device, generator=gen).to(dt)
                 x @ w  # warm-up: kernel choice and weight packing are not throughput
                 for _ in range(reps):  # the best single matmul: a time slice lost to another
-                    _sync(device)      # process spoils one sample, not the whole figure
+                    sync_device(device)      # process spoils one sample, not the whole figure
                     t0 = time.perf_counter()
                     x @ w
-                    _sync(device)
+                    sync_device(device)
                     rate = 2 * m * k * n / max(time.perf_counter() - t0, 1e-9)
                     peaks[name] = max(peaks[name], rate)
     return peaks

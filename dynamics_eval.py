@@ -247,11 +247,6 @@ def loss_by_tau_d(model, held: LatentCache, a: Args, device, repeats: int = 4) -
     return {"loss_by_d": by_d, "loss_by_tau_bin": by_tau}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def generation_speed(model, device, k: int, ctx_tau: float, n_frames: int,
                      n_actions: int) -> dict:
@@ -271,11 +266,11 @@ def generation_speed(model, device, k: int, ctx_tau: float, n_frames: int,
         return torch.zeros(1, T, n_actions, dtype=torch.long, device=device)
 
     def timed(Tc, n, use_cache):
-        _sync(device)
+        common.sync_device(device)
         t0 = time.time()
         with common.autocast(device):
             rollout(model, latents(Tc), actions(Tc + n), n, k, ctx_tau, gen, use_cache)
-        _sync(device)
+        common.sync_device(device)
         return time.time() - t0
 
     timed(8, 2, True)  # warm-up
