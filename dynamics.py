@@ -79,7 +79,7 @@ class Args:
     grad_clip: float = 1.0  # gradient-norm clipping (not in paper)
     ema: float = 0.999  # weight EMA for sampling, evaluation, later stages; 0 = off (not in paper)
     sample_k: int = 4  # K sampling steps per generated frame (§3.2: K = 4)
-    ctx_tau: float = 0.9  # signal level of context frames at inference (τ_ctx, §3.2; 1 = clean)
+    ctx_tau: float = 0.9  # context signal level at inference (τ_ctx, §3.2; ≤ 1 − 1/K_max)
     log_every: int = 100  # steps between log lines
     ckpt_every: int = 1000  # steps between checkpoints
     eval_seqs: int = 64  # held-out sequences for rollout evaluation; 0 skips evaluation
@@ -123,18 +123,26 @@ def sample_tau_d(shape, k_max: int, gen: torch.Generator | None = None, device=N
 
     k_min > 1 leaves out the largest steps: d ~ 1/U{k_min, 2·k_min, …, K_max}. flow_frac > 0
     (not in paper, `--flow-frac`): each row (the last dim of `shape` is time) is a flow row with
-    probability flow_frac, every frame at d = d_min = 1/K_max; the other rows draw d per frame
-    from {1/k_min, …, 2/K_max}, and only they need Eq 7's half steps. flow_frac = 0 is the
-    literal Eq 4 (whose printed τ grid, in steps of 1/d, is a typo for steps of d). τ ≤ 1 − d
-    always, so Eq 7's divisions by (1 − τ) are safe. Returns τ, d: float tensors of `shape`.
+    probability flow_frac, every frame at d = d_min = 1/K_max. The other rows are bootstrap
+    rows: frames before a split point s ~ U{0, …, T − 1} are flow frames too, frames from s on
+    draw d per frame from {1/k_min, …, 2/K_max}; only these rows need Eq 7's half steps. Frame s
+    sees a history tagged d_min and has d > d_min: the configuration of every generated frame
+    (history at τ_ctx and d_min, the new frame at d = 1/K), trained with gradients.
+    flow_frac = 0 is the literal Eq 4 (whose printed τ grid, in steps of 1/d, is a typo for
+    steps of d). τ ≤ 1 − d always, so Eq 7's divisions by (1 − τ) are safe.
+    Returns τ, d: float tensors of `shape`.
     """
     e_lo = int(round(math.log2(k_min)))  # d = 2^−e ∈ {1/k_min, …, 1/K_max}
     e_hi = int(round(math.log2(k_max)))
     if flow_frac > 0 and e_hi > e_lo:
-        # bootstrap frames: d ∈ {1/k_min, …, 2/K_max}; flow rows: d = d_min (not in paper)
+        # bootstrap frames: d ∈ {1/k_min, …, 2/K_max}; flow frames: d = d_min (not in paper)
         e = torch.randint(e_lo, e_hi, shape, generator=gen, device=device)  # (…, T)
-        flow = torch.rand(shape[:-1], generator=gen, device=device) < flow_frac  # (…,)
-        e = torch.where(flow[..., None], torch.full_like(e, e_hi), e)  # (…, T)
+        T = shape[-1]
+        flow = torch.rand(shape[:-1], generator=gen, device=device) < flow_frac  # (…,) flow rows
+        split = torch.randint(0, T, shape[:-1], generator=gen, device=device)  # (…,) first boot
+        t = torch.arange(T, device=device)  # (T,)
+        flow_frame = flow[..., None] | (t < split[..., None])  # (…, T)
+        e = torch.where(flow_frame, torch.full_like(e, e_hi), e)  # (…, T)
     else:
         e = torch.randint(e_lo, e_hi + 1, shape, generator=gen, device=device)  # e uniform
     d = 2.0 ** (-e.float())
@@ -165,8 +173,10 @@ def ramp_weight(tau: torch.Tensor) -> torch.Tensor:
 
 def context_signal_level(ctx_tau: float, k_max: int) -> float:
     """τ_ctx snapped to the nearest point of the d_min = 1/K_max grid: 0.9 → 58/64 ≈ 0.906.
-    A signal level: 0.9 means 10 % noise (our reading of the paper's "τ_ctx = 0.1")."""
-    return round(ctx_tau * k_max) / k_max
+    A signal level: 0.9 means 10 % noise (our reading of the paper's "τ_ctx = 0.1").
+    Eq 4 never draws τ = 1 (τ ≤ 1 − d), so the τ-embedding of clean frames is never trained:
+    `--ctx-tau 1` gives the cleanest trained level, 1 − 1/K_max (63/64: 1.6 % noise)."""
+    return min(round(ctx_tau * k_max), k_max - 1) / k_max
 
 
 def shift_actions(actions: torch.Tensor):

@@ -615,7 +615,7 @@ EVAL_FLAGS = {
     "eval_context": (int, "context frames of the held-out rollouts"),
     "eval_horizon": (int, "generated frames of the held-out rollouts"),
     "sample_k": (int, "K sampling steps per generated frame"),
-    "ctx_tau": (float, "signal level of context frames (τ_ctx; 1 = clean)"),
+    "ctx_tau": (float, "signal level of context frames (τ_ctx; 1 → 1 − 1/K_max)"),
     "fps_frames": (int, "frames generated at batch 1 to time generation"),
     "seed": (int, "seed of the held-out windows and the noise"),
     "device": (str, "auto | cpu | cuda | mps"),
