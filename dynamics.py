@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 
 import common
-from tokenizer import LatentCache, load_tokenizer, pack, psnr, psnr_of_mean_mse, unpack
+from tokenizer import (LatentCache, latent_grid, load_tokenizer, pack, psnr, psnr_of_mean_mse,
+                       unpack)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Args:
     depth: int = 8  # transformer layers (not in paper)
     time_every: int = 4  # every n-th layer attends over time (§3.4: 4)
     time_layer: int = 0  # which layer of a group attends over time: 0 first, -1 last (not in paper)
+    space_rope_base: float = 0.0  # 2-D RoPE over the latent lattice in space layers; 0 = off
     heads: int = 8  # query heads (not in paper)
     kv_heads: int = 2  # key/value heads: GQA in every attention layer (§3.4; ratio not in paper)
     registers: int = 4  # S_r register tokens per frame (§3.4; count not in paper)
@@ -192,6 +194,22 @@ def shift_actions(actions: torch.Tensor):
 # ---- Model (§3.2 inputs, §3.4 transformer) -------------------------------------------------------
 
 
+def token_positions(latent_tokens: int, registers: int) -> torch.Tensor:
+    """(N, 2) lattice position (row, col) of each token of a frame, for 2-D RoPE (not in paper).
+
+    The tokenizer spreads its N_b = 2·N_z latents over an r × c lattice in row-major order
+    (tokenizer.latent_grid) and pack joins neighbours two by two, so a packed latent token sits
+    between its two latents. The action, (τ, d) and register tokens have no place in the image:
+    they sit at the lattice centre, at the same distance from every corner.
+    """
+    n = 2 * latent_tokens
+    c = n // max(k for k in range(1, int(n ** 0.5) + 1) if n % k == 0)  # columns, r·c = N_b
+    lattice = latent_grid(n, c)  # (N_b, 2) in units of one column, rows spread as on the image
+    latents = lattice.view(latent_tokens, 2, 2).mean(1)  # (N_z, 2) between the packed pair
+    centre = lattice.mean(0)  # (2,)
+    return torch.cat([centre.expand(2, 2), latents, centre.expand(registers, 2)])  # (N, 2)
+
+
 class DynamicsModel(nn.Module):
     """ẑ₁ = f_θ(z̃, τ, d, a) (Eq 6): x-prediction of the clean packed latents of every frame.
 
@@ -202,7 +220,7 @@ class DynamicsModel(nn.Module):
     def __init__(self, latent_tokens: int, latent_dim: int, action_classes: list[int], dim: int,
                  depth: int, heads: int, kv_heads: int, registers: int, context: int,
                  mlp_ratio: float = 4.0, soft_cap: float = 50.0, k_max: int = 64,
-                 time_every: int = 4, time_layer: int = 0):
+                 time_every: int = 4, time_layer: int = 0, space_rope_base: float = 0.0):
         super().__init__()
         self.latent_tokens, self.latent_dim = latent_tokens, latent_dim
         self.k_max, self.window = k_max, context
@@ -222,7 +240,12 @@ class DynamicsModel(nn.Module):
         self.register_tokens = nn.Parameter(torch.randn(registers, dim) * 0.02)  # S_r (§3.4)
         self.transformer = common.SpaceTimeTransformer(
             dim, depth, heads, kv_heads, time_every=time_every, time_layer=time_layer,
-            window=context, mlp_ratio=mlp_ratio, soft_cap=soft_cap)
+            window=context, mlp_ratio=mlp_ratio, soft_cap=soft_cap,
+            space_rope_base=space_rope_base or None)
+        # not in paper: with space_rope_base > 0 the space layers rotate by the latent lattice
+        # position of each token (`--space-rope-base`, docs/deviations.md)
+        pos = token_positions(latent_tokens, registers) if space_rope_base > 0 else None
+        self.register_buffer("space_pos", pos, persistent=False)  # (N, 2) or None
         self.latent_out = nn.Linear(dim, latent_dim)  # x-prediction head
         self.spatial = slice(2, 2 + latent_tokens)  # where the latent tokens sit in a frame
 
@@ -259,7 +282,8 @@ class DynamicsModel(nn.Module):
         independent (B,) bool: start-frame sequences (§3.4). cache/commit: see common.KVCache.
         """
         x = self.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N, D)
-        h = self.transformer(x, independent=independent, cache=cache, commit=commit)  # (B, T, N, D)
+        h = self.transformer(x, self.space_pos, independent=independent, cache=cache,
+                             commit=commit)  # (B, T, N, D)
         return self.latent_out(h[:, :, self.spatial])  # (B, T, N_z, C_z)
 
 
@@ -437,7 +461,7 @@ def build_model(a: dict, latent_tokens: int, latent_dim: int,
     return DynamicsModel(
         latent_tokens, latent_dim, action_classes, a["dim"], a["depth"], a["heads"],
         a["kv_heads"], a["registers"], a["context"], a["mlp_ratio"], a["soft_cap"], a["k_max"],
-        a.get("time_every", 4), a.get("time_layer", -1))
+        a.get("time_every", 4), a.get("time_layer", -1), a.get("space_rope_base", 0.0))
 
 
 def load_dynamics(path: str = "runs/dynamics/ckpt.pt", device="cpu"):

@@ -36,11 +36,11 @@ CONVENTION = "the paper's convention: τ = 0 is pure noise, τ = 1 is clean data
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-def tiny_model(window=4, action_classes=(5, 2, 2), seed=0):
+def tiny_model(window=4, action_classes=(5, 2, 2), seed=0, space_rope_base=0.0):
     torch.manual_seed(seed)
     return dy.DynamicsModel(latent_tokens=4, latent_dim=6, action_classes=list(action_classes),
                             dim=32, depth=4, heads=4, kv_heads=2, registers=2, context=window,
-                            mlp_ratio=2.0, k_max=K_MAX).eval()
+                            mlp_ratio=2.0, k_max=K_MAX, space_rope_base=space_rope_base).eval()
 
 
 def toy_weight(channels: int = 6) -> torch.Tensor:
@@ -615,6 +615,40 @@ def test_cached_rollout_equals_uncached_recompute(Tc, H, window):
                       use_cache=False)
     assert fast.shape == (2, H, 4, 6)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)  # also beyond the window C
+
+
+def test_cached_rollout_equals_uncached_recompute_with_space_rope():
+    model = tiny_model(space_rope_base=10.0)
+    context, acts = torch.tanh(torch.randn(2, 3, 4, 6)), torch.randint(0, 2, (2, 8, 3))
+    fast = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1))
+    slow = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1),
+                      use_cache=False)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def test_token_positions_put_packed_latents_between_their_pair_on_the_lattice():
+    """16 packed tokens of 32 latents on a 4 × 8 lattice (cpu preset): a 4 × 4 grid, 2 columns
+    apart, rows spread over the same 8 columns; special tokens at the centre (hand-written)."""
+    pos = dy.token_positions(latent_tokens=16, registers=4)  # (2 + 16 + 4, 2)
+    lattice = [[r, c] for r in (0.5, 2.5, 4.5, 6.5) for c in (0.5, 2.5, 4.5, 6.5)]
+    assert pos[2:18].tolist() == lattice
+    assert pos[:2].tolist() == [[3.5, 3.5]] * 2 and pos[18:].tolist() == [[3.5, 3.5]] * 4
+
+
+def test_space_rope_makes_the_model_see_where_a_latent_is():
+    """With space RoPE the same latents at swapped slots (slot embeddings zeroed) give a
+    different output; without it, attention is blind to the slot's place."""
+    out = {}
+    for base in (0.0, 10.0):
+        model = tiny_model(space_rope_base=base)
+        with torch.no_grad():
+            model.latent_slot.zero_()
+        z = torch.randn(1, 1, 4, 6)
+        swapped = z[:, :, [1, 0, 2, 3]]
+        tau, d = torch.zeros(1, 1), torch.ones(1, 1)
+        a, b = model(z, tau, d), model(swapped, tau, d)[:, :, [1, 0, 2, 3]]
+        out[base] = float((a - b).abs().max())
+    assert out[0.0] < 1e-5 and out[10.0] > 1e-3, out
 
 
 def test_rollout_depends_on_the_actions():
