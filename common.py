@@ -247,7 +247,8 @@ class SpaceTimeTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, space_pos: torch.Tensor | None = None,
                 space_mask: torch.Tensor | None = None, independent: torch.Tensor | None = None,
-                cache: KVCache | None = None, commit: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, commit: bool = False,
+                time_layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, N, D) → (B, T, N, D), final RMSNorm applied.
 
         space_pos: (N, 2) integer (row, col) per token for 2-D RoPE, or None for no spatial RoPE.
@@ -255,6 +256,8 @@ class SpaceTimeTransformer(nn.Module):
         cache: time-layer KV cache; the T new frames get positions cache.pos … cache.pos + T − 1
         and attend to the cached frames. commit=True appends their keys/values to the cache (call
         with commit=False to run a denoising step without changing the context).
+        time_layout: (positions (T,), mask (T, T) or (B·N, 1, T, T)) replaces the causal layout of
+        the time layers, for frames that are not one plain sequence (dynamics.two_stream_layout).
         """
         B, T, N, D = x.shape
         t0 = cache.pos if cache is not None else 0
@@ -266,6 +269,9 @@ class SpaceTimeTransformer(nn.Module):
         T_past = next(iter(cache.kv.values()))[0].shape[2] if cache is not None and cache.kv else 0
         ind = None if independent is None else independent.repeat_interleave(N)  # (B·N,)
         t_mask = time_mask(T, T_past + T, self.window, ind, x.device)  # (T, T_k) | (B·N, 1, T, T_k)
+        if time_layout is not None:  # frames in another arrangement: their positions and mask
+            time_angles = rope_angles(time_layout[0], self.head_dim, self.rope_base)  # (T, Dh/2)
+            t_mask = time_layout[1]
         for i, blk in enumerate(self.blocks):
             if blk.is_time:
                 xt = x.permute(0, 2, 1, 3).reshape(B * N, T, D)  # (B·N, T, D)

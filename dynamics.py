@@ -66,6 +66,7 @@ class Args:
     k_max: int = 64  # K_max: finest step d_min = 1/K_max (Eq 4; value not stated in the paper)
     k_min: int = 1  # coarsest step trained, d ≤ 1/k_min (Eq 4: 1; 4 trains only what K = 4 uses)
     flow_frac: float = 0.75  # share of rows with every d = d_min; 0 = literal Eq 4 (not in paper)
+    ctx_stream: bool = False  # every frame also trained after a history at τ_ctx (not in paper)
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     batch: int = 32  # sequences per short batch (not in paper)
@@ -275,15 +276,17 @@ class DynamicsModel(nn.Module):
         return torch.cat([a[:, :, None], td[:, :, None], z, reg], dim=2)  # (B, T, N, D)
 
     def forward(self, z_tilde, tau, d, prev_actions=None, act_valid=None, independent=None,
-                cache: common.KVCache | None = None, commit: bool = False) -> torch.Tensor:
+                cache: common.KVCache | None = None, commit: bool = False,
+                time_layout=None) -> torch.Tensor:
         """Eq 6: (B, T, N_z, C_z) corrupted latents → ẑ₁ (B, T, N_z, C_z) predicted clean latents.
 
         prev_actions (B, T, A): a_{t−1} per frame (see shift_actions); act_valid (B, T) bool.
         independent (B,) bool: start-frame sequences (§3.4). cache/commit: see common.KVCache.
+        time_layout: see two_stream_layout (training with --ctx-stream).
         """
         x = self.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N, D)
         h = self.transformer(x, self.space_pos, independent=independent, cache=cache,
-                             commit=commit)  # (B, T, N, D)
+                             commit=commit, time_layout=time_layout)  # (B, T, N, D)
         return self.latent_out(h[:, :, self.spatial])  # (B, T, N_z, C_z)
 
 
@@ -360,6 +363,32 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
         valid = valid & ~independent[:, None]  # an independent image is a frame 0: no action
     return {"clean": clean, "noise": noise, "tau": tau, "d": d, "independent": independent,
             "prev_actions": prev, "act_valid": valid}
+
+
+def two_stream_layout(T: int, window: int, independent, n_tokens: int, device) -> tuple:
+    """Time layout of `--ctx-stream` training (not in paper; docs/deviations.md): 2T frames, the
+    T frames of a sequence as history at τ_ctx, then the same T frames noised for the loss.
+
+    History frame i sees history frames j ≤ i, as the KV cache holds them when sampling; loss
+    frame t sees history frames j < t and itself: what a generated frame sees. So every frame is
+    trained in the sampling configuration, not only after a history that Eq 4 happened to draw
+    clean. Both copies of frame t sit at RoPE position t; the window C applies as in time_mask.
+    independent (B,) bool: start-frame rows, whose frames see only themselves; n_tokens: tokens
+    per frame. Returns positions (2T,) and the mask (2T, 2T), or (B·N, 1, 2T, 2T) with rows.
+    """
+    t = torch.arange(T, device=device)
+    near = t[None, :] > t[:, None] - window  # (T, T) key j within the window of query i
+    history = (t[None, :] <= t[:, None]) & near  # history i → history j ≤ i
+    cross = (t[None, :] < t[:, None]) & near  # loss frame t → history j < t
+    eye = torch.eye(T, dtype=torch.bool, device=device)  # loss frame t → itself
+    mask = torch.cat([torch.cat([history, torch.zeros_like(eye)], 1),
+                      torch.cat([cross, eye], 1)], 0)  # (2T, 2T)
+    positions = torch.cat([t, t])  # (2T,)
+    if independent is None:
+        return positions, mask
+    alone = torch.eye(2 * T, dtype=torch.bool, device=device)  # (2T, 2T) each frame only itself
+    rows = independent.repeat_interleave(n_tokens).view(-1, 1, 1, 1)  # (B·N, 1, 1, 1)
+    return positions, torch.where(rows, alone, mask)  # (B·N, 1, 2T, 2T)
 
 
 def row_select(fb: dict, rows=None) -> tuple:
@@ -538,6 +567,8 @@ def train(a: Args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device)
+    tau_ctx = context_signal_level(a.ctx_tau, a.k_max)  # the history level of --ctx-stream
+    tokens_per_frame = 2 + model.latent_tokens + a.registers  # action, (τ, d), latents, registers
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run, frames_run, frames_log, steps_log = time.time(), 0, 0, 0, 0
     while step < a.steps:
@@ -551,8 +582,23 @@ def train(a: Args) -> dict:
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac)
 
+        if a.ctx_stream:  # the history stream: every frame at τ_ctx, tagged d_min
+            fb["history"] = corrupt(torch.randn(fb["clean"].shape, generator=gen, device=device),
+                                    fb["clean"], tau_ctx)  # (B, T, N_z, C_z)
+
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
-            return fwd(z, tau, d, *row_select(fb, rows)).float()
+            prev, valid, ind = row_select(fb, rows)
+            if not a.ctx_stream:
+                return fwd(z, tau, d, prev, valid, ind).float()
+            T = z.shape[1]
+            hist = fb["history"] if rows is None else fb["history"][rows]  # (R, T, N_z, C_z)
+            x = torch.cat([hist, z], 1)  # (R, 2T, N_z, C_z): history, then the loss frames
+            taus = torch.cat([torch.full_like(tau, tau_ctx), tau], 1)  # (R, 2T)
+            ds = torch.cat([torch.full_like(d, 1.0 / a.k_max), d], 1)  # (R, 2T)
+            prev2 = None if prev is None else torch.cat([prev, prev], 1)  # (R, 2T, A)
+            layout = two_stream_layout(T, a.context, ind, tokens_per_frame, device)
+            out = fwd(x, taus, ds, prev2, torch.cat([valid, valid], 1), ind, time_layout=layout)
+            return out[:, T:].float()  # (R, T, N_z, C_z) the loss frames
 
         for g in opt.param_groups:
             g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)

@@ -1,4 +1,4 @@
-"""The ladder of controls (not in paper): when the world model only copies, where is the signal lost?
+"""The ladder of controls (not in paper): when the world model copies, where is the signal lost?
 
 A measuring instrument beside dynamics.py. Each rung learns the same thing, the next frame from
 the past frames and the actions, on the same data and is scored on the same held-out windows as
@@ -22,7 +22,8 @@ built-in world the share of frames with the agent on the right tile at the 1st a
 Run (after tokenizer.py --preset cpu; same held-out windows as dynamics.py --preset cpu):
     python dynamics_ladder.py pixel_cnn --preset cpu           # ≈ 15 min on 2 cores
     python dynamics_ladder.py latent_det --preset cpu          # ≈ 10 min on 2 cores
-    python dynamics_ladder.py table runs/cpu/ladder/pixel_cnn,runs/cpu/ladder/latent_det,runs/cpu/dynamics
+    python dynamics_ladder.py table \
+        runs/cpu/ladder/pixel_cnn,runs/cpu/ladder/latent_det,runs/cpu/dynamics
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import common
 import dynamics as dy
 import dynamics_eval
 from conftest import ROOT, run
@@ -649,6 +650,52 @@ def test_space_rope_makes_the_model_see_where_a_latent_is():
         a, b = model(z, tau, d), model(swapped, tau, d)[:, :, [1, 0, 2, 3]]
         out[base] = float((a - b).abs().max())
     assert out[0.0] < 1e-5 and out[10.0] > 1e-3, out
+
+
+def test_two_stream_layout_matches_the_hand_written_table():
+    """--ctx-stream, T = 3, C = 2: history frames (rows 0–2) see themselves and C − 1 earlier
+    history frames; loss frames (rows 3–5) see the C − 1 history frames before them and
+    themselves — what a generated frame sees in the KV cache."""
+    positions, mask = dy.two_stream_layout(3, 2, None, 1, "cpu")
+    assert positions.tolist() == [0, 1, 2, 0, 1, 2]
+    assert mask.int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                   [1, 1, 0, 0, 0, 0],
+                                   [0, 1, 1, 0, 0, 0],
+                                   [0, 0, 0, 1, 0, 0],
+                                   [1, 0, 0, 0, 1, 0],
+                                   [0, 1, 0, 0, 0, 1]]
+
+
+def test_two_stream_layout_start_frames_see_only_themselves():
+    _, mask = dy.two_stream_layout(3, 4, torch.tensor([True, False]), 2, "cpu")
+    assert mask.shape == (4, 1, 6, 6)
+    assert torch.equal(mask[0, 0], torch.eye(6, dtype=torch.bool))  # row 0, its 2 tokens
+    assert torch.equal(mask[1, 0], torch.eye(6, dtype=torch.bool))
+    assert mask[2, 0, 4, 0]  # row 1: loss frame 1 sees history frame 0
+
+
+def test_two_stream_loss_frame_matches_the_cached_sampling_pass():
+    """A loss frame of the two-stream pass gets the output of sampling: history at τ_ctx in the
+    KV cache, then the frame being denoised."""
+    model = tiny_model()
+    T, tau_c = 4, 58 / 64
+    hist, z = torch.tanh(torch.randn(1, T, 4, 6)), torch.randn(1, T, 4, 6)
+    acts = torch.randint(0, 2, (1, T, 3))
+    prev, valid = dy.shift_actions(acts)
+    tau, d = torch.full((1, T), 0.25), torch.full((1, T), 0.25)
+    layout = dy.two_stream_layout(T, 4, None, 2 + 4 + 2, "cpu")
+    x = torch.cat([hist, z], 1)
+    taus = torch.cat([torch.full((1, T), tau_c), tau], 1)
+    ds = torch.cat([torch.full((1, T), 1 / K_MAX), d], 1)
+    two = model(x, taus, ds, torch.cat([prev, prev], 1), torch.cat([valid, valid], 1),
+                time_layout=layout)[:, T:]
+    t = 2  # the frame after two history frames
+    cache = common.KVCache(4)
+    model(hist[:, :t], torch.full((1, t), tau_c), torch.full((1, t), 1 / K_MAX), prev[:, :t],
+          valid[:, :t], cache=cache, commit=True)
+    one = model(z[:, t:t + 1], tau[:, t:t + 1], d[:, t:t + 1], prev[:, t:t + 1],
+                valid[:, t:t + 1], cache=cache)
+    torch.testing.assert_close(two[:, t], one[:, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_rollout_depends_on_the_actions():
