@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -302,7 +303,9 @@ class RunningRMS:
         self.decay, self.floor, self.ms, self.count = decay, floor, 0.0, 0
 
     def update(self, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
+        # Under torchrun each rank sees the mean loss of its rows: their mean over the ranks is
+        # the global batch's, so every rank keeps the estimate a single process would.
+        value = all_mean(float(loss.detach()))
         if not math.isfinite(value):
             return
         sq = value ** 2
@@ -381,8 +384,10 @@ def pick_device(name: str = "auto", dtype: str = "auto") -> torch.device:
     if name == "auto":
         mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
         name = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
-    print(f"device: {name}")
     device = torch.device(name)
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+    print(f"device: {device}")
     set_compute_dtype(device, dtype)
     return device
 
@@ -407,6 +412,118 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ---------------------------------------- Data parallelism under torchrun (not in paper; nanoGPT way)
+# `torchrun --nproc_per_node=G tokenizer.py ...` starts G copies of a stage, each with RANK,
+# LOCAL_RANK and WORLD_SIZE in its environment. Every piece of the mechanism is here; a stage's
+# train() adds a few lines: init_distributed(), shard() its batch, sync_gradients() after
+# backward, and rank-0 guards on logs, checkpoints and evaluation.
+#
+# How a step is split (a choice, so that G ranks × B/G rows equal 1 rank × B rows): every rank
+# draws the whole global batch's random choices from the same (seed, step) streams as a single
+# process, then keeps its own B/G rows (shard). The draws are cheap next to the model, the
+# N-rank run follows the 1-rank run step for step (up to the order of float sums), and --resume
+# needs nothing new. Gradients: each rank backpropagates the mean loss of its rows, and
+# sync_gradients averages the gradients, i.e. the gradient of the mean over all B rows. We do
+# not wrap the model in DistributedDataParallel: the dynamics loss calls the model several
+# times per step (the half-step passes of Eq 7, under no_grad), and one explicit all-reduce
+# after backward is simpler to see correct than DDP's hooks (it gives up DDP's overlap of
+# communication with the backward pass: fine at this scale).
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that logs, checkpoints and evaluates."""
+    return rank() == 0
+
+
+def init_distributed(device: str = "auto") -> int:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns the world size.
+
+    Backend: nccl between CUDA GPUs, gloo otherwise (CPU; also the tests). Ranks other than 0
+    print nothing, so the log reads as a single process's (print(..., force=True) still does)."""
+    if world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return world_size()
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:  # before any CUDA work: this process's GPU is its LOCAL_RANK
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if not is_main():
+        import builtins
+        plain_print = builtins.print
+
+        def print_on_rank0_only(*args, force: bool = False, **kwargs):
+            if force:
+                plain_print(*args, **kwargs)
+        builtins.print = print_on_rank0_only
+    print(f"data parallel: {world_size()} ranks ({dist.get_backend()} backend)")
+    return world_size()
+
+
+def check_batch(flag: str, batch: int) -> int:
+    """Rows per rank for a global batch of `batch` rows; a clear error if the ranks cannot split
+    it evenly (uneven shards would weight the ranks' rows unequally in the averaged gradient)."""
+    n = world_size()
+    if batch % n:
+        raise ValueError(f"{flag} {batch} is the global batch and must be divisible by the "
+                         f"{n} ranks of this torchrun (each rank takes {flag} / {n} rows): "
+                         f"pass e.g. {flag} {max(n, batch - batch % n)}")
+    return batch // n
+
+
+def shard(x, flag: str = "--batch"):
+    """This rank's rows of a global batch: tensor (B, ...) → (B/G, ...); dicts and None too."""
+    if isinstance(x, dict):
+        return {k: shard(v, flag) for k, v in x.items()}
+    if x is None or world_size() == 1:
+        return x
+    per = check_batch(flag, x.shape[0])
+    return x[rank() * per:(rank() + 1) * per]
+
+
+def sync_gradients(model: nn.Module) -> None:
+    """Average the gradients over the ranks (call after backward, before clipping): every rank
+    then holds the gradient of the global batch's mean loss and takes the same optimiser step.
+
+    One all-reduce of all gradients flattened into one buffer. A parameter without a gradient
+    on some rank (a path its rows did not use) counts as zero there; one without a gradient on
+    every rank keeps grad None, as in a single process (AdamW then skips it)."""
+    n = world_size()
+    if n == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    dev = params[0].device
+    used = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    live = [p for p, u in zip(params, used.tolist()) if u]
+    if not live:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in live])
+    dist.all_reduce(flat)
+    flat /= n
+    offset = 0
+    for p in live:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def all_mean(value: float) -> float:
+    """The mean of a number over the ranks (the number itself in a single process)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # nccl moves GPU tensors only
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t) / world_size()
 
 
 # ------------------------------------------------ Compute dtype (a measured probe) and MFU
@@ -470,6 +587,8 @@ def set_compute_dtype(device: torch.device, want: str = "auto") -> str:
     peaks = matmul_peaks(device)
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = choose_dtype(want, device.type, peaks, cuda_bf16)
+    if world_size() > 1:  # the ranks must compute alike: rank 0's probe decides for all
+        dtype = "bf16" if all_mean(float(is_main() and dtype == "bf16")) > 0 else "fp32"
     _COMPUTE.update(dtype=dtype, peaks=peaks)
     how = "chosen by the probe" if want == "auto" else "--dtype"
     print(f"compute dtype: {dtype} ({how}; measured matmul peaks, torch threads "
