@@ -437,6 +437,7 @@ def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
 
 
 def train(a: Args) -> dict:
+    common.single_process_only("agent.py")  # not data-parallel (common.py)
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)

@@ -378,13 +378,29 @@ def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def device_name(name: str, cuda_ok: bool, mps_ok: bool) -> str:
+    """--device → the device to use: auto is cuda, then mps (Apple GPUs), then cpu; a device
+    asked for but not present falls back to cpu with a message rather than a torch traceback."""
+    if name == "auto":
+        return "cuda" if cuda_ok else ("mps" if mps_ok else "cpu")
+    kind = name.split(":")[0]
+    if (kind == "cuda" and not cuda_ok) or (kind == "mps" and not mps_ok):
+        why = ("this torch has no working mps backend (Apple GPUs need macOS 12.3+ and an arm64 "
+               "build)" if kind == "mps" else "torch sees no CUDA GPU")
+        print(f"!! --device {name} is not available: {why}; falling back to cpu")
+        return "cpu"
+    return name
+
+
 def pick_device(name: str = "auto", dtype: str = "auto") -> torch.device:
     """--device auto picks cuda, then mps, then cpu, and says which; then the compute dtype
     (--dtype auto|fp32|bf16) is decided for this process by a matmul probe (set_compute_dtype)."""
-    if name == "auto":
-        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
-    device = torch.device(name)
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    device = torch.device(device_name(name, torch.cuda.is_available(), mps))
+    if device.type == "mps" and os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1":
+        # torch reads this variable at import, so it cannot be switched on from here
+        print("note: on mps, an operation Apple's backend lacks stops the run with "
+              "NotImplementedError; start with PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU")
     if device.type == "cuda" and device.index is None and world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     print(f"device: {device}")
@@ -465,6 +481,15 @@ def init_distributed(device: str = "auto") -> int:
         builtins.print = print_on_rank0_only
     print(f"data parallel: {world_size()} ranks ({dist.get_backend()} backend)")
     return world_size()
+
+
+def single_process_only(stage: str) -> None:
+    """The stages not (yet) data-parallel: refuse torchrun, rather than train G copies that
+    overwrite one another's run folder. (Their batches mix uniform and reward-relevant rows
+    with masked means, which an even split of rows does not reproduce exactly.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"{stage} runs in one process: start it with python, not torchrun "
+                         f"(data parallelism covers tokenizer.py and dynamics.py)")
 
 
 def check_batch(flag: str, batch: int) -> int:
@@ -556,7 +581,10 @@ def matmul_peaks(device: torch.device, shapes=PROBE_SHAPES, rounds: int = 3,
             for m, k, n in shapes:
                 x = torch.randn(m, k, device=device, generator=gen).to(dt)
                 w = torch.randn(k, n, device=device, generator=gen).to(dt)
-                x @ w  # warm-up: kernel choice and weight packing are not throughput
+                try:
+                    x @ w  # warm-up: kernel choice and weight packing are not throughput
+                except (RuntimeError, TypeError):  # e.g. mps before macOS 14: no bf16 matmul
+                    break  # peak 0 = unsupported (choose_dtype then keeps fp32)
                 for _ in range(reps):  # the best single matmul: a time slice lost to another
                     sync_device(device)      # process spoils one sample, not the whole figure
                     t0 = time.perf_counter()
@@ -571,8 +599,13 @@ def choose_dtype(want: str, device_type: str, peaks: dict[str, float], cuda_bf16
                  min_gain: float = 1.3) -> str:
     """The compute dtype: `want` unless "auto"; auto is bf16 on a CUDA GPU that supports it, and
     on a CPU whose measured bf16 matmul is at least `min_gain` × its fp32 one (a smaller gain
-    does not pay for the casts around every matmul); fp32 elsewhere (mps: fp32, untested)."""
+    does not pay for the casts around every matmul); fp32 elsewhere (mps: fp32, untested
+    on hardware; bf16 when asked for and the probe's bf16 matmul ran)."""
     assert want in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {want}"
+    if want == "bf16" and not peaks.get("bf16", 1.0):  # the probe's bf16 matmul failed
+        print(f"!! --dtype bf16: this {device_type} device cannot multiply bf16 matrices "
+              f"(on mps: macOS 14 or newer); computing in fp32")
+        return "fp32"
     if want != "auto":
         return want
     if device_type == "cuda":

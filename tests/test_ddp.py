@@ -118,3 +118,9 @@ def test_shard_gives_each_rank_its_own_rows(monkeypatch):
     assert torch.equal(common.shard({"x": x, "none": None})["x"], x[2:])
     monkeypatch.setattr(common, "rank", lambda: 0)
     assert torch.equal(common.shard(x), x[:2])
+
+
+def test_the_stages_that_are_not_data_parallel_refuse_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="agent.py runs in one process"):
+        common.single_process_only("agent.py")

@@ -1,0 +1,49 @@
+"""Accelerator paths that can be checked on a CPU: device selection (mps, cuda) and the dtype
+fallback, the fused soft-capped attention against the explicit form, and gpu_check.py's tiny mode.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import common
+from conftest import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
+
+
+def test_auto_picks_cuda_then_mps_then_cpu():
+    assert common.device_name("auto", cuda_ok=True, mps_ok=True) == "cuda"
+    assert common.device_name("auto", cuda_ok=False, mps_ok=True) == "mps"
+    assert common.device_name("auto", cuda_ok=False, mps_ok=False) == "cpu"
+
+
+def test_an_absent_mps_falls_back_to_cpu_with_a_message(capsys):
+    assert common.device_name("mps", cuda_ok=True, mps_ok=False) == "cpu"
+    assert "--device mps is not available" in capsys.readouterr().out
+
+
+def test_an_absent_cuda_falls_back_to_cpu_with_a_message(capsys):
+    assert common.device_name("cuda:1", cuda_ok=False, mps_ok=True) == "cpu"
+    assert "--device cuda:1 is not available" in capsys.readouterr().out
+
+
+def test_pick_device_on_a_mac_without_mps_runs_on_cpu(monkeypatch):
+    """torch reports no mps (an x86 build, an old macOS): --device mps still gives a run."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(common, "_COMPUTE", {"dtype": None, "peaks": {}})
+    monkeypatch.setattr(common, "matmul_peaks", lambda device: {"fp32": 1.0, "bf16": 1.0})
+    assert common.pick_device("mps", "fp32").type == "cpu"
+
+
+def test_bf16_asked_for_where_the_probe_could_not_multiply_bf16_gives_fp32(capsys):
+    """mps before macOS 14 has no bf16 matmul: the probe records peak 0 and fp32 is used."""
+    assert common.choose_dtype("bf16", "mps", {"fp32": 1e12, "bf16": 0.0}) == "fp32"
+    assert "cannot multiply bf16" in capsys.readouterr().out
+    assert common.choose_dtype("bf16", "mps", {"fp32": 1e12, "bf16": 2e12}) == "bf16"
+
+
+def test_auto_dtype_on_mps_is_fp32():
+    assert common.choose_dtype("auto", "mps", {"fp32": 1e12, "bf16": 4e12}) == "fp32"
