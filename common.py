@@ -103,6 +103,35 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2)  # (..., S, Dh)
 
 
+# Fused soft-capped attention: FlexAttention applies the cap as a score modifier inside one
+# compiled kernel, so the (B, Hq, S, S') logits never go to memory. On by default on CUDA only:
+# on a CPU, uncompiled FlexAttention materialises the logits like the explicit form (no gain).
+# "on": None = CUDA only, True/False = forced (tests, gpu_check.py); "compiled": the kernel.
+FUSED_ATTENTION = {"on": None, "compiled": None}
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                soft_cap: float) -> torch.Tensor:
+    """attend()'s soft-capped attention through torch's FlexAttention (same shapes, same math):
+    score_mod turns each scaled logit s into cap·tanh(s/cap), or −inf where the mask forbids."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        capped = soft_cap * torch.tanh(score / soft_cap)
+        if mask is None:
+            return capped
+        allowed = mask[q_idx, kv_idx] if mask.dim() == 2 else mask[b, 0, q_idx, kv_idx]
+        return torch.where(allowed, capped, -float("inf"))
+
+    fn = flex_attention
+    if q.device.type == "cuda":  # compiled once per process: this is what fuses the kernel
+        if FUSED_ATTENTION["compiled"] is None:
+            FUSED_ATTENTION["compiled"] = torch.compile(flex_attention)
+        fn = FUSED_ATTENTION["compiled"]
+    dt = v.dtype  # under autocast the QKNormed q, k are fp32 and v bf16; the kernel wants one
+    return fn(q.to(dt), k.to(dt), v, score_mod=score_mod, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            soft_cap: float) -> torch.Tensor:
     """softmax(cap·tanh(q·kᵀ/(√Dh·cap)) + mask) v   — attention with the §3.4 logit soft cap.
@@ -110,11 +139,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q: (B, Hq, S, Dh); k, v: (B, Hk, S', Dh) with Hq a multiple of Hk (GQA: query head h reads
     key/value head h // (Hq/Hk)); mask: bool, True = may attend, broadcastable to (B, Hq, S, S').
     The cap needs the raw logits, which F.scaled_dot_product_attention never exposes: with a cap
-    the attention is explicit; soft_cap = 0 uses the fused kernel (tested to agree).
+    the attention is explicit, or FlexAttention on CUDA (FUSED_ATTENTION); soft_cap = 0 uses
+    the fused SDPA kernel (both tested to agree with the explicit form).
     """
     B, Hq, S, Dh = q.shape
     Hk = k.shape[1]
     assert Hq % Hk == 0, f"GQA needs n_heads ({Hq}) to be a multiple of n_kv_heads ({Hk})"
+    fused = FUSED_ATTENTION["on"]
+    if soft_cap and (fused or (fused is None and q.device.type == "cuda")):
+        return flex_attend(q, k, v, mask, soft_cap)  # (B, Hq, S, Dh)
     if Hk != Hq:  # GQA: share each KV head among Hq/Hk query heads
         k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
         v = v.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)

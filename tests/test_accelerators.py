@@ -47,3 +47,26 @@ def test_bf16_asked_for_where_the_probe_could_not_multiply_bf16_gives_fp32(capsy
 
 def test_auto_dtype_on_mps_is_fp32():
     assert common.choose_dtype("auto", "mps", {"fp32": 1e12, "bf16": 4e12}) == "fp32"
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "per_sequence"])
+def test_flex_attention_with_the_soft_cap_equals_the_explicit_form(monkeypatch, mask_kind):
+    """The fused path (FlexAttention, the CUDA default) against the explicit softmax(cap·tanh)
+    form, with GQA, a KV-cache-shaped causal mask and per-sequence (start-frame) masks. Forward
+    only: FlexAttention has no CPU backward (gpu_check.py compares the gradients on a GPU)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 5, 8, generator=g) * 4  # large logits, so the cap is active
+    k, v = torch.randn(3, 2, 7, 8, generator=g) * 4, torch.randn(3, 2, 7, 8, generator=g)
+    mask = {"none": None, "causal": common.time_mask(5, 7, 4),
+            "per_sequence": common.time_mask(5, 7, 4, torch.tensor([False, True, False]))}[
+        mask_kind]
+    outs = []
+    for fused in (False, True):
+        monkeypatch.setitem(common.FUSED_ATTENTION, "on", fused)
+        outs.append(common.attend(q, k, v, mask, soft_cap=5.0))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs[0], common.attend(q, k, v, mask, soft_cap=0.0), atol=1e-3)
+
+
+def test_the_explicit_attention_stays_the_cpu_default():
+    assert common.FUSED_ATTENTION["on"] is None  # None: fused on CUDA only
