@@ -70,3 +70,19 @@ def test_flex_attention_with_the_soft_cap_equals_the_explicit_form(monkeypatch, 
 
 def test_the_explicit_attention_stays_the_cpu_default():
     assert common.FUSED_ATTENTION["on"] is None  # None: fused on CUDA only
+
+
+def test_gpu_check_smoke_writes_every_figure_of_its_json(tmp_path):
+    """gpu_check.py's tiny CPU mode: the same code paths as the GPU run, every figure present."""
+    out = str(tmp_path / "gpu_check.json")
+    run("gpu_check.py", "--preset", "smoke", "--out", out)
+    with open(out) as f:
+        r = json.load(f)
+    for stage in ("tokenizer", "dynamics"):
+        for key in ("steps_per_s", "frames_per_s", "mfu", "peak_mem_gb", "flops_per_step"):
+            assert r[stage][key] > 0, (stage, key)
+    assert r["dynamics"]["extrapolated_wall_min_steps_10000"] == pytest.approx(
+        10000 / r["dynamics"]["steps_per_s"] / 60)
+    g = r["generation"]
+    assert g["gen_k"] == 4 and g["gen_fps_batch1"] > 0 and g["gen_largest_batch"] == 4
+    assert r["fused_attention_max_abs_diff"] < 1e-4
