@@ -463,7 +463,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---------------------------------------- Data parallelism under torchrun (not in paper; nanoGPT way)
+# ------------------------------- Data parallelism under torchrun (not in paper; the nanoGPT way)
 # `torchrun --nproc_per_node=G tokenizer.py ...` starts G copies of a stage, each with RANK,
 # LOCAL_RANK and WORLD_SIZE in its environment. Every piece of the mechanism is here; a stage's
 # train() adds a few lines: init_distributed(), shard() its batch, sync_gradients() after
