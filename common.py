@@ -12,8 +12,9 @@ Paper coverage (§3.4 "Efficient transformer", §3 intro):
   - a KV cache over the time axis for fast generation      -> KVCache
   - "all loss terms are divided by running estimates of their RMS" -> RunningRMS
 
-Plumbing (not in paper): arguments, the device and the compute dtype (a start-up matmul probe
-picks bf16 autocast where it is measurably faster), FLOPs and MFU, seeding, checkpoints, logs.
+Plumbing (not in paper): arguments, data parallelism under torchrun, the device and the compute
+dtype (a start-up matmul probe picks bf16 autocast where it is measurably faster), FLOPs and MFU,
+seeding, checkpoints, logs.
 
 Deviations from the paper and choices it leaves open: docs/deviations.md (section `common.py`).
 
