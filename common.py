@@ -27,6 +27,7 @@ Shape legend (used in every file):
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import inspect
 import json
@@ -435,6 +436,9 @@ def pick_device(name: str = "auto", dtype: str = "auto") -> torch.device:
         # torch reads this variable at import, so it cannot be switched on from here
         print("note: on mps, an operation Apple's backend lacks stops the run with "
               "NotImplementedError; start with PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU")
+    if device.type == "mps" and world_size() > 1:  # gloo cannot reduce mps tensors
+        raise SystemExit("torchrun on mps: a Mac has one GPU, start the stage with python "
+                         "(or pass --device cpu to run the ranks on the CPU)")
     if device.type == "cuda" and device.index is None and world_size() > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     print(f"device: {device}")
@@ -472,14 +476,17 @@ def seed_everything(seed: int) -> None:
 #
 # How a step is split (a choice, so that G ranks × B/G rows equal 1 rank × B rows): every rank
 # draws the whole global batch's random choices from the same (seed, step) streams as a single
-# process, then keeps its own B/G rows (shard). The draws are cheap next to the model, the
-# N-rank run follows the 1-rank run step for step (up to the order of float sums), and --resume
-# needs nothing new. Gradients: each rank backpropagates the mean loss of its rows, and
-# sync_gradients averages the gradients, i.e. the gradient of the mean over all B rows. We do
-# not wrap the model in DistributedDataParallel: the dynamics loss calls the model several
-# times per step (the half-step passes of Eq 7, under no_grad), and one explicit all-reduce
-# after backward is simpler to see correct than DDP's hooks (it gives up DDP's overlap of
-# communication with the backward pass: fine at this scale).
+# process, then keeps its own B/G rows (shard). So each rank's data stream is a fixed slice of
+# the single-process stream: the N-rank run follows the 1-rank run step for step (up to the
+# order of float sums), --resume needs nothing new (even with another number of ranks), and the
+# price is that every rank gathers the global batch's rows (cheap next to the model at these
+# sizes). Gradients: each rank backpropagates the mean loss of its rows, and sync_gradients
+# averages the gradients, i.e. the gradient of the mean over all B rows (masked means need one
+# more step: rank_weight). We do not wrap the model in DistributedDataParallel: the dynamics
+# loss calls the model several times per step (the half-step passes of Eq 7, under no_grad),
+# and one explicit all-reduce after backward is simpler to see correct than DDP's hooks (it
+# gives up DDP's overlap of communication with the backward pass: fine at this scale).
+# Logged training figures are rank 0's rows; the loss normalisers see the global mean.
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -498,13 +505,16 @@ def init_distributed(device: str = "auto") -> int:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); returns the world size.
 
     Backend: nccl between CUDA GPUs, gloo otherwise (CPU; also the tests). Ranks other than 0
-    print nothing, so the log reads as a single process's (print(..., force=True) still does)."""
+    print nothing, so the log reads as a single process's (print(..., force=True) still does).
+    The group is left at exit (atexit), so no stage needs a teardown call on each of its returns.
+    """
     if world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return world_size()
-    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    cuda = device.split(":")[0] in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:  # before any CUDA work: this process's GPU is its LOCAL_RANK
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(dist.destroy_process_group)
     if not is_main():
         import builtins
         plain_print = builtins.print
@@ -518,33 +528,52 @@ def init_distributed(device: str = "auto") -> int:
 
 
 def single_process_only(stage: str) -> None:
-    """The stages not (yet) data-parallel: refuse torchrun, rather than train G copies that
-    overwrite one another's run folder. (Their batches mix uniform and reward-relevant rows
-    with masked means, which an even split of rows does not reproduce exactly.)"""
+    """A stage that is not data-parallel refuses torchrun, rather than train G copies that
+    overwrite one another's run folder. (imagine.py: each step's cost is generating rollouts,
+    which sharding a global batch's draws would repeat on every rank.)"""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit(f"{stage} runs in one process: start it with python, not torchrun "
-                         f"(data parallelism covers tokenizer.py and dynamics.py)")
+                         f"(data parallelism covers tokenizer.py, dynamics.py and agent.py)")
 
 
 def check_batch(flag: str, batch: int) -> int:
     """Rows per rank for a global batch of `batch` rows; a clear error if the ranks cannot split
-    it evenly (uneven shards would weight the ranks' rows unequally in the averaged gradient)."""
+    it evenly (uneven shards would weight the ranks' rows unequally in the averaged gradient).
+    flag: how the user sets that number (the message names it)."""
     n = world_size()
     if batch % n:
-        raise ValueError(f"{flag} {batch} is the global batch and must be divisible by the "
-                         f"{n} ranks of this torchrun (each rank takes {flag} / {n} rows): "
-                         f"pass e.g. {flag} {max(n, batch - batch % n)}")
+        raise ValueError(f"{flag} = {batch} rows of the global batch must be divisible by the "
+                         f"{n} ranks of this torchrun (each rank takes 1/{n} of them): change "
+                         f"the batch or the number of processes (--nproc_per_node)")
     return batch // n
 
 
 def shard(x, flag: str = "--batch"):
-    """This rank's rows of a global batch: tensor (B, ...) → (B/G, ...); dicts and None too."""
+    """This rank's rows of a global batch: tensor (B, ...) → (B/G, ...); dicts and None too.
+
+    Strided (rank r keeps rows r, r + G, r + 2G, …), so a batch made of parts, like agent.py's
+    uniform rows followed by its task-relevant rows, gives every rank its share of each part,
+    in the same order (the first rows of a shard are then its uniform ones)."""
     if isinstance(x, dict):
         return {k: shard(v, flag) for k, v in x.items()}
     if x is None or world_size() == 1:
         return x
-    per = check_batch(flag, x.shape[0])
-    return x[rank() * per:(rank() + 1) * per]
+    check_batch(flag, x.shape[0])
+    return x[rank()::world_size()]
+
+
+def rank_weight(count: torch.Tensor) -> torch.Tensor | float:
+    """The factor that turns a rank's masked mean into its share of the global masked mean.
+
+    A masked mean sum_r / count_r per rank, averaged over G ranks, is not Σ sum_r / Σ count_r
+    when the ranks' counts differ. Multiplied by count_r · G / Σ count_r it becomes
+    G · sum_r / Σ count_r, whose average over the ranks (sync_gradients) is the global mean.
+    1.0 in a single process. A collective: call it on every rank, in training only."""
+    if world_size() == 1:
+        return 1.0
+    total = count.detach().float().clone()
+    dist.all_reduce(total)
+    return count.detach().float() * world_size() / total.clamp_min(1)
 
 
 def sync_gradients(model: nn.Module) -> None:
@@ -569,8 +598,8 @@ def sync_gradients(model: nn.Module) -> None:
     dist.all_reduce(flat)
     flat /= n
     offset = 0
-    for p in live:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+    for p in live:  # views into the one buffer: no second copy of the gradients
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
 
 

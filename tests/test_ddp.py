@@ -104,23 +104,53 @@ def test_two_rank_run_logs_each_step_once_and_writes_the_summary(resumed_two_ran
         assert json.load(f)["steps"] == 6
 
 
+def test_two_rank_agent_run_resumed_equals_one_rank_with_the_whole_batch(smoke,
+                                                                         resumed_two_rank_run):
+    """agent.py, global batch 4 (2 uniform + 2 task-relevant rows): 2 ranks, interrupted after
+    step 1 and resumed to step 2, against 1 rank for 2 steps. Each rank holds one row of each
+    kind, and its BC and reward terms are masked means over unequal target counts (rank_weight
+    makes them add up to the global mean: without it the weights differ by ~3e-4)."""
+    tmp = smoke[0]
+    _, dyn = resumed_two_rank_run
+    args = ["agent.py", "--preset", "smoke", "--dynamics", os.path.join(dyn, "ckpt.pt"),
+            "--eval-episodes", "0", "--steps", "2"]
+    two, one = str(tmp / "agent_two"), str(tmp / "agent_one")
+    torchrun(2, *args, "--out", two, "--stop-at", "1")
+    torchrun(2, *args, "--out", two, "--resume")
+    run(*args, "--out", one)
+    assert max_difference(os.path.join(two, "ckpt.pt"), os.path.join(one, "ckpt.pt")) < 1e-5
+
+
 def test_a_batch_the_ranks_cannot_split_evenly_is_refused(monkeypatch):
     monkeypatch.setattr(common, "world_size", lambda: 2)
     assert common.check_batch("--batch", 4) == 2
-    with pytest.raises(ValueError, match="--batch 3 is the global batch .* divisible by the 2"):
+    with pytest.raises(ValueError, match="--batch = 3 rows .* divisible by the 2 ranks"):
         common.check_batch("--batch", 3)
 
 
-def test_shard_gives_each_rank_its_own_rows(monkeypatch):
+def test_shard_gives_each_rank_every_second_row(monkeypatch):
     monkeypatch.setattr(common, "world_size", lambda: 2)
     x = torch.arange(8).view(4, 2)
     monkeypatch.setattr(common, "rank", lambda: 1)
-    assert torch.equal(common.shard({"x": x, "none": None})["x"], x[2:])
+    assert torch.equal(common.shard({"x": x, "none": None})["x"], x[[1, 3]])
     monkeypatch.setattr(common, "rank", lambda: 0)
-    assert torch.equal(common.shard(x), x[:2])
+    assert torch.equal(common.shard(x), x[[0, 2]])
 
 
-def test_the_stages_that_are_not_data_parallel_refuse_torchrun(monkeypatch):
+def test_shard_gives_each_rank_its_share_of_each_part_of_a_batch(monkeypatch):
+    """agent.py's batch: 4 uniform rows, then 2 relevant ones; each of 2 ranks gets 2 + 1."""
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    relevant = torch.tensor([False] * 4 + [True] * 2)
+    for r in (0, 1):
+        monkeypatch.setattr(common, "rank", lambda: r)
+        assert common.shard(relevant).tolist() == [False, False, True]
+
+
+def test_rank_weight_is_one_in_a_single_process():
+    assert common.rank_weight(torch.tensor(7)) == 1.0
+
+
+def test_imagine_refuses_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="agent.py runs in one process"):
-        common.single_process_only("agent.py")
+    with pytest.raises(SystemExit, match="imagine.py runs in one process"):
+        common.single_process_only("imagine.py")
