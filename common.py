@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 
 import numpy as np
@@ -108,8 +109,10 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 # Fused soft-capped attention: FlexAttention applies the cap as a score modifier inside one
 # compiled kernel, so the (B, Hq, S, S') logits never go to memory. On by default on CUDA only:
 # on a CPU, uncompiled FlexAttention materialises the logits like the explicit form (no gain).
-# "on": None = CUDA only, True/False = forced (tests, gpu_check.py); "compiled": the kernel.
-FUSED_ATTENTION = {"on": None, "compiled": None}
+# "on": None = automatic (on for the device types in "auto_on"; if the kernel cannot run there,
+# e.g. torch < 2.5 or no Triton, it says so once and the explicit form takes over), True/False =
+# forced (tests, gpu_check.py: a failure then raises); "compiled": the kernel, compiled once.
+FUSED_ATTENTION = {"on": None, "auto_on": ("cuda",), "compiled": None}
 
 
 def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -134,6 +137,23 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return fn(q.to(dt), k.to(dt), v, score_mod=score_mod, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def fused_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 soft_cap: float) -> torch.Tensor | None:
+    """flex_attend where FUSED_ATTENTION says so; None = use the explicit form."""
+    on = FUSED_ATTENTION["on"]
+    if on is False or (on is None and q.device.type not in FUSED_ATTENTION["auto_on"]):
+        return None
+    try:
+        return flex_attend(q, k, v, mask, soft_cap)  # (B, Hq, S, Dh)
+    except Exception as e:  # ImportError (torch < 2.5), a compiler without Triton, ...
+        if on:
+            raise
+        FUSED_ATTENTION["on"] = False  # once: the rest of the run uses the explicit form
+        print(f"!! fused attention is not available here ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the explicit form")
+        return None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            soft_cap: float) -> torch.Tensor:
     """softmax(cap·tanh(q·kᵀ/(√Dh·cap)) + mask) v   — attention with the §3.4 logit soft cap.
@@ -147,9 +167,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     B, Hq, S, Dh = q.shape
     Hk = k.shape[1]
     assert Hq % Hk == 0, f"GQA needs n_heads ({Hq}) to be a multiple of n_kv_heads ({Hk})"
-    fused = FUSED_ATTENTION["on"]
-    if soft_cap and (fused or (fused is None and q.device.type == "cuda")):
-        return flex_attend(q, k, v, mask, soft_cap)  # (B, Hq, S, Dh)
+    fused = fused_attend(q, k, v, mask, soft_cap) if soft_cap else None
+    if fused is not None:
+        return fused  # (B, Hq, S, Dh)
     if Hk != Hq:  # GQA: share each KV head among Hq/Hk query heads
         k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
         v = v.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
@@ -658,13 +678,23 @@ def matmul_peaks(device: torch.device, shapes=PROBE_SHAPES, rounds: int = 3,
     return peaks
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether this torch has autocast for the device type (mps: torch 2.5 or newer)."""
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch 2.4 and newer
+    return check(device_type) if check else device_type in ("cuda", "cpu")
+
+
 def choose_dtype(want: str, device_type: str, peaks: dict[str, float], cuda_bf16: bool = True,
-                 min_gain: float = 1.3) -> str:
+                 min_gain: float = 1.3, autocast_ok: bool = True) -> str:
     """The compute dtype: `want` unless "auto"; auto is bf16 on a CUDA GPU that supports it, and
     on a CPU whose measured bf16 matmul is at least `min_gain` × its fp32 one (a smaller gain
     does not pay for the casts around every matmul); fp32 elsewhere (mps: fp32, untested
-    on hardware; bf16 when asked for and the probe's bf16 matmul ran)."""
+    on hardware; bf16 when asked for, autocast exists and the probe's bf16 matmul ran)."""
     assert want in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {want}"
+    if want == "bf16" and not autocast_ok:  # torch.autocast would warn and compute in fp32
+        print(f"!! --dtype bf16: this torch has no autocast on {device_type} (mps: torch 2.5 "
+              f"or newer); computing in fp32")
+        return "fp32"
     if want == "bf16" and not peaks.get("bf16", 1.0):  # the probe's bf16 matmul failed
         print(f"!! --dtype bf16: this {device_type} device cannot multiply bf16 matrices "
               f"(on mps: macOS 14 or newer); computing in fp32")
@@ -682,7 +712,8 @@ def set_compute_dtype(device: torch.device, want: str = "auto") -> str:
     """Probe the matmul peaks, choose the dtype for this process, print both; returns it."""
     peaks = matmul_peaks(device)
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = choose_dtype(want, device.type, peaks, cuda_bf16)
+    dtype = choose_dtype(want, device.type, peaks, cuda_bf16,
+                         autocast_ok=autocast_available(device.type))
     if world_size() > 1:  # the ranks must compute alike: rank 0's probe decides for all
         dtype = "bf16" if all_mean(float(is_main() and dtype == "bf16")) > 0 else "fp32"
     _COMPUTE.update(dtype=dtype, peaks=peaks)
@@ -764,11 +795,15 @@ def mfu_figures(flops_per_step: float, steps_per_s: float, peak: float | None = 
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; peak resident memory of the process elsewhere."""
+    """Peak GPU memory allocated by torch on CUDA; on mps the memory Metal holds for torch (its
+    caching allocator keeps what it took, so about the peak); peak resident memory elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 30
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)  # macOS: bytes; Linux: KiB
 
 
 def save_checkpoint(path: str, payload: dict) -> None:

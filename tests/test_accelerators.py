@@ -69,7 +69,60 @@ def test_flex_attention_with_the_soft_cap_equals_the_explicit_form(monkeypatch, 
 
 
 def test_the_explicit_attention_stays_the_cpu_default():
-    assert common.FUSED_ATTENTION["on"] is None  # None: fused on CUDA only
+    assert common.FUSED_ATTENTION["on"] is None  # None: automatic, on the "auto_on" devices
+    assert common.FUSED_ATTENTION["auto_on"] == ("cuda",)
+
+
+def test_automatic_fused_attention_that_cannot_run_falls_back_to_the_explicit_form(monkeypatch,
+                                                                                  capsys):
+    """A CUDA machine whose torch has no FlexAttention (torch < 2.5) or no Triton: the run goes
+    on with the explicit form and says why, once (here the CPU plays that device)."""
+    monkeypatch.setitem(common.FUSED_ATTENTION, "on", None)
+    monkeypatch.setitem(common.FUSED_ATTENTION, "auto_on", ("cpu",))
+
+    def no_kernel(*args):
+        raise RuntimeError("Cannot find a working triton installation")
+    monkeypatch.setattr(common, "flex_attend", no_kernel)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3, 8, generator=g) * 4 for _ in range(3))
+    out = common.attend(q, k, v, None, soft_cap=5.0)
+    assert "fused attention is not available here (RuntimeError: Cannot find" in \
+        capsys.readouterr().out
+    assert common.FUSED_ATTENTION["on"] is False
+    torch.testing.assert_close(out, common.attend(q, k, v, None, soft_cap=5.0))
+
+
+def test_forced_fused_attention_that_cannot_run_raises(monkeypatch):
+    """gpu_check.py forces it on: there a failing kernel is the finding, not a fallback."""
+    monkeypatch.setitem(common.FUSED_ATTENTION, "on", True)
+
+    def no_kernel(*args):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(common, "flex_attend", no_kernel)
+    q = torch.randn(1, 1, 2, 8)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        common.attend(q, q, q, None, soft_cap=5.0)
+
+
+def test_bf16_asked_for_where_torch_has_no_autocast_gives_fp32(capsys):
+    """mps with torch < 2.5: torch.autocast would warn and compute in fp32 anyway."""
+    peaks = {"fp32": 1e12, "bf16": 2e12}
+    assert common.choose_dtype("bf16", "mps", peaks, autocast_ok=False) == "fp32"
+    assert "no autocast on mps" in capsys.readouterr().out
+
+
+def test_peak_memory_on_mps_is_what_metal_holds_for_torch(monkeypatch):
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 3 * 2 ** 30)
+    assert common.peak_memory_gb(torch.device("mps")) == 3.0
+
+
+@pytest.mark.parametrize("platform, maxrss", [("linux", 2 * 2 ** 20), ("darwin", 2 * 2 ** 30)])
+def test_peak_resident_memory_reads_the_platform_unit(monkeypatch, platform, maxrss):
+    """getrusage's ru_maxrss is in KiB on Linux and in bytes on macOS: 2 GiB either way."""
+    import resource
+    monkeypatch.setattr(common.sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: type("R", (), {"ru_maxrss": maxrss}))
+    assert common.peak_memory_gb(torch.device("cpu")) == 2.0
 
 
 def test_gpu_check_smoke_writes_every_figure_of_its_json(tmp_path):
