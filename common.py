@@ -143,6 +143,8 @@ def fused_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     on = FUSED_ATTENTION["on"]
     if on is False or (on is None and q.device.type not in FUSED_ATTENTION["auto_on"]):
         return None
+    if FlopMeter._open is not None:  # torch's FLOP counter cannot trace FlexAttention: the
+        return None                  # counted step runs the explicit form (the same matmuls)
     try:
         return flex_attend(q, k, v, mask, soft_cap)  # (B, Hq, S, Dh)
     except Exception as e:  # ImportError (torch < 2.5), a compiler without Triton, ...

@@ -139,3 +139,17 @@ def test_gpu_check_smoke_writes_every_figure_of_its_json(tmp_path):
     g = r["generation"]
     assert g["gen_k"] == 4 and g["gen_fps_batch1"] > 0 and g["gen_largest_batch"] == 4
     assert r["fused_attention_max_abs_diff"] < 1e-4
+
+
+def test_the_flop_counted_step_runs_the_explicit_attention(monkeypatch):
+    """torch's FlopCounterMode cannot trace FlexAttention (TypeError): while a FlopMeter counts
+    a stage's first step, attention takes the explicit form, whose matmuls it counts."""
+    monkeypatch.setitem(common.FUSED_ATTENTION, "on", True)
+    q = torch.randn(1, 2, 4, 8)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    meter = common.FlopMeter(opt)
+    out = common.attend(q, q, q, common.time_mask(4, 4, 4), soft_cap=5.0)
+    meter.stop()
+    assert meter.flops == 2 * (2 * 1 * 2 * 4 * 4 * 8)  # q·kᵀ and p·v
+    monkeypatch.setitem(common.FUSED_ATTENTION, "on", False)
+    torch.testing.assert_close(out, common.attend(q, q, q, common.time_mask(4, 4, 4), 5.0))
