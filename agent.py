@@ -437,6 +437,8 @@ def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
 
 
 def train(a: Args) -> dict:
+    common.init_distributed(a.device)  # under torchrun: one of several data-parallel ranks
+    common.check_batch("--batch", a.batch)  # the global batch, split over the ranks
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
@@ -500,6 +502,7 @@ def train(a: Args) -> dict:
     dargs = dyn_ckpt["args"]  # the world model's Eq 4 / Eq 7 settings carry over (as in stage 1b)
     tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
     n_uni = a.batch - int(round(a.batch * a.relevant_frac))  # uniform rows; the rest: relevant
+    common.check_batch("--batch × (1 − --relevant-frac)", n_uni)  # each rank: 1/G of each half
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run = time.time(), 0
     while step < a.steps:
@@ -517,10 +520,12 @@ def train(a: Args) -> dict:
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b
                 fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen,
                                    dargs.get("k_min", 1), dargs.get("flow_frac", 0.0))
+                # this rank's uniform rows of the global draws (all of them in one process)
+                fb, task_uni = common.shard(fb), common.shard(task[:n_uni])
 
                 def f(z, tau, d, rows=None):  # ẑ₁ of the uniform half (or its `rows`: Eq 7)
                     prev, valid, indep = row_select(fb, rows)
-                    tk = task[:n_uni] if rows is None else task[:n_uni][rows]
+                    tk = task_uni if rows is None else task_uni[rows]
                     return fwd(z, tau, d, prev, valid, tk, indep)[0].float()
 
                 terms["video"] = shortcut_forcing_loss(
@@ -530,23 +535,29 @@ def train(a: Args) -> dict:
             clean = pack(lat)  # (B, T, N_z, C_z)
             noise = torch.randn(clean.shape, generator=gen, device=device)  # (B, T, N_z, C_z)
             z_ctx = corrupt(noise, clean, tau_c)  # Eq 6 at τ_ctx
-            tau = torch.full((B, T), tau_c, device=device)
-            d = torch.full((B, T), d_min, device=device)
-            _, h = fwd(z_ctx, tau, d, *shift_actions(acts), task)  # h (B, T, D)
-            rew = b["rewards"][torch.arange(B, device=device), :, task]  # (B, T) prompted task's
+            # this rank's rows (strided: its share of the uniform and of the relevant ones)
+            z_ctx, b = common.shard(z_ctx), common.shard(b)
+            acts, task, B_r = b["actions"], b["task"], len(b["task"])
+            tau = torch.full((B_r, T), tau_c, device=device)
+            d = torch.full((B_r, T), d_min, device=device)
+            _, h = fwd(z_ctx, tau, d, *shift_actions(acts), task)  # h (B_r, T, D)
+            rew = b["rewards"][torch.arange(B_r, device=device), :, task]  # (B_r, T) the task's
             tgt = mtp_targets(acts, rew, a.mtp, b["event"])
-            bc_mask = tgt["bc"] & b["relevant"][:, None, None]  # (B, T, L) BC on the relevant half
+            bc_mask = tgt["bc"] & b["relevant"][:, None, None]  # (B_r, T, L): relevant rows
             eq9 = agent_loss(model.policy(h), model.reward_logits(h), tgt["actions"],
                              tgt["rewards"], bc_mask, tgt["reward"], model.bins)
-            terms.update(bc=eq9["bc"], reward=eq9["reward"])
+            # masked means: each rank's weighted by its share of the targets (1.0 alone)
+            terms.update(bc=eq9["bc"] * common.rank_weight(bc_mask.sum()),
+                         reward=eq9["reward"] * common.rank_weight(tgt["reward"].sum()))
         common.check_finite(step, **terms)
         loss = sum(norms[k](v) for k, v in terms.items())  # each term ÷ its running RMS (§3)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        common.sync_gradients(model)  # the mean gradient over the ranks (no-op alone)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
         step, steps_run = step + 1, steps_run + 1
-        if step % a.log_every == 0 or step == a.steps:
+        if common.is_main() and (step % a.log_every == 0 or step == a.steps):
             lr = common.lr_at(step - 1, a.lr, a.warmup, a.steps)
             log.log(step, {**{k: v.detach() for k, v in terms.items()},
                            "move_acc": eq9["bc_move_acc"], "grad_norm": gnorm, "lr": lr}, B * T)
@@ -554,12 +565,14 @@ def train(a: Args) -> dict:
             eta = (time.time() - t_start) / 5 * (a.steps - step) / 60
             print(f"!! the default preset is sized for a GPU: on this CPU it would take about "
                   f"{eta:.0f} min. Try --preset cpu (≤ 15 min on 2 cores).")
-        if step % a.ckpt_every == 0 or step == a.steps or step == a.stop_at:
+        if common.is_main() and (step % a.ckpt_every == 0 or step in (a.steps, a.stop_at)):
             save(step)
         if a.stop_at and step >= a.stop_at:
             print(f"stopping at step {step} (--stop-at); continue with --resume")
             return {}
     wall = time.time() - t_start
+    if not common.is_main():  # evaluation and summary: rank 0's
+        return {}
 
     summary = {
         "stage": "agent", "preset": a.preset, "device": str(device),

@@ -12,8 +12,9 @@ Paper coverage (§3.4 "Efficient transformer", §3 intro):
   - a KV cache over the time axis for fast generation      -> KVCache
   - "all loss terms are divided by running estimates of their RMS" -> RunningRMS
 
-Plumbing (not in paper): arguments, the device and the compute dtype (a start-up matmul probe
-picks bf16 autocast where it is measurably faster), FLOPs and MFU, seeding, checkpoints, logs.
+Plumbing (not in paper): arguments, data parallelism under torchrun, the device and the compute
+dtype (a start-up matmul probe picks bf16 autocast where it is measurably faster), FLOPs and MFU,
+seeding, checkpoints, logs.
 
 Deviations from the paper and choices it leaves open: docs/deviations.md (section `common.py`).
 
@@ -26,6 +27,7 @@ Shape legend (used in every file):
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import inspect
 import json
@@ -33,10 +35,12 @@ import math
 import os
 import random
 import re
+import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -102,6 +106,56 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2)  # (..., S, Dh)
 
 
+# Fused soft-capped attention: FlexAttention applies the cap as a score modifier inside one
+# compiled kernel, so the (B, Hq, S, S') logits never go to memory. On by default on CUDA only:
+# on a CPU, uncompiled FlexAttention materialises the logits like the explicit form (no gain).
+# "on": None = automatic (on for the device types in "auto_on"; if the kernel cannot run there,
+# e.g. torch < 2.5 or no Triton, it says so once and the explicit form takes over), True/False =
+# forced (tests, gpu_check.py: a failure then raises); "compiled": the kernel, compiled once.
+FUSED_ATTENTION = {"on": None, "auto_on": ("cuda",), "compiled": None}
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                soft_cap: float) -> torch.Tensor:
+    """attend()'s soft-capped attention through torch's FlexAttention (same shapes, same math):
+    score_mod turns each scaled logit s into cap·tanh(s/cap), or −inf where the mask forbids."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        capped = soft_cap * torch.tanh(score / soft_cap)
+        if mask is None:
+            return capped
+        allowed = mask[q_idx, kv_idx] if mask.dim() == 2 else mask[b, 0, q_idx, kv_idx]
+        return torch.where(allowed, capped, -float("inf"))
+
+    fn = flex_attention
+    if q.device.type == "cuda":  # compiled once per process: this is what fuses the kernel
+        if FUSED_ATTENTION["compiled"] is None:
+            FUSED_ATTENTION["compiled"] = torch.compile(flex_attention)
+        fn = FUSED_ATTENTION["compiled"]
+    dt = v.dtype  # under autocast the QKNormed q, k are fp32 and v bf16; the kernel wants one
+    return fn(q.to(dt), k.to(dt), v, score_mod=score_mod, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def fused_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 soft_cap: float) -> torch.Tensor | None:
+    """flex_attend where FUSED_ATTENTION says so; None = use the explicit form."""
+    on = FUSED_ATTENTION["on"]
+    if on is False or (on is None and q.device.type not in FUSED_ATTENTION["auto_on"]):
+        return None
+    if FlopMeter._open is not None:  # torch's FLOP counter cannot trace FlexAttention: the
+        return None                  # counted step runs the explicit form (the same matmuls)
+    try:
+        return flex_attend(q, k, v, mask, soft_cap)  # (B, Hq, S, Dh)
+    except Exception as e:  # ImportError (torch < 2.5), a compiler without Triton, ...
+        if on:
+            raise
+        FUSED_ATTENTION["on"] = False  # once: the rest of the run uses the explicit form
+        print(f"!! fused attention is not available here ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the explicit form")
+        return None
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            soft_cap: float) -> torch.Tensor:
     """softmax(cap·tanh(q·kᵀ/(√Dh·cap)) + mask) v   — attention with the §3.4 logit soft cap.
@@ -109,11 +163,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q: (B, Hq, S, Dh); k, v: (B, Hk, S', Dh) with Hq a multiple of Hk (GQA: query head h reads
     key/value head h // (Hq/Hk)); mask: bool, True = may attend, broadcastable to (B, Hq, S, S').
     The cap needs the raw logits, which F.scaled_dot_product_attention never exposes: with a cap
-    the attention is explicit; soft_cap = 0 uses the fused kernel (tested to agree).
+    the attention is explicit, or FlexAttention on CUDA (FUSED_ATTENTION); soft_cap = 0 uses
+    the fused SDPA kernel (both tested to agree with the explicit form).
     """
     B, Hq, S, Dh = q.shape
     Hk = k.shape[1]
     assert Hq % Hk == 0, f"GQA needs n_heads ({Hq}) to be a multiple of n_kv_heads ({Hk})"
+    fused = fused_attend(q, k, v, mask, soft_cap) if soft_cap else None
+    if fused is not None:
+        return fused  # (B, Hq, S, Dh)
     if Hk != Hq:  # GQA: share each KV head among Hq/Hk query heads
         k = k.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
         v = v.repeat_interleave(Hq // Hk, dim=1)  # (B, Hq, S', Dh)
@@ -308,7 +366,9 @@ class RunningRMS:
         self.decay, self.floor, self.ms, self.count = decay, floor, 0.0, 0
 
     def update(self, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
+        # Under torchrun each rank sees the mean loss of its rows: their mean over the ranks is
+        # the global batch's, so every rank keeps the estimate a single process would.
+        value = all_mean(float(loss.detach()))
         if not math.isfinite(value):
             return
         sq = value ** 2
@@ -381,14 +441,35 @@ def lr_at(step: int, lr: float, warmup: int, steps: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def device_name(name: str, cuda_ok: bool, mps_ok: bool) -> str:
+    """--device → the device to use: auto is cuda, then mps (Apple GPUs), then cpu; a device
+    asked for but not present falls back to cpu with a message rather than a torch traceback."""
+    if name == "auto":
+        return "cuda" if cuda_ok else ("mps" if mps_ok else "cpu")
+    kind = name.split(":")[0]
+    if (kind == "cuda" and not cuda_ok) or (kind == "mps" and not mps_ok):
+        why = ("this torch has no working mps backend (Apple GPUs need macOS 12.3+ and an arm64 "
+               "build)" if kind == "mps" else "torch sees no CUDA GPU")
+        print(f"!! --device {name} is not available: {why}; falling back to cpu")
+        return "cpu"
+    return name
+
+
 def pick_device(name: str = "auto", dtype: str = "auto") -> torch.device:
     """--device auto picks cuda, then mps, then cpu, and says which; then the compute dtype
     (--dtype auto|fp32|bf16) is decided for this process by a matmul probe (set_compute_dtype)."""
-    if name == "auto":
-        mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-        name = "cuda" if torch.cuda.is_available() else ("mps" if mps else "cpu")
-    print(f"device: {name}")
-    device = torch.device(name)
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    device = torch.device(device_name(name, torch.cuda.is_available(), mps))
+    if device.type == "mps" and os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1":
+        # torch reads this variable at import, so it cannot be switched on from here
+        print("note: on mps, an operation Apple's backend lacks stops the run with "
+              "NotImplementedError; start with PYTORCH_ENABLE_MPS_FALLBACK=1 to run it on the CPU")
+    if device.type == "mps" and world_size() > 1:  # gloo cannot reduce mps tensors
+        raise SystemExit("torchrun on mps: a Mac has one GPU, start the stage with python "
+                         "(or pass --device cpu to run the ranks on the CPU)")
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
+    print(f"device: {device}")
     set_compute_dtype(device, dtype)
     return device
 
@@ -413,6 +494,152 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ------------------------------- Data parallelism under torchrun (not in paper; the nanoGPT way)
+# `torchrun --nproc_per_node=G tokenizer.py ...` starts G copies of a stage, each with RANK,
+# LOCAL_RANK and WORLD_SIZE in its environment. Every piece of the mechanism is here; a stage's
+# train() adds a few lines: init_distributed(), shard() its batch, sync_gradients() after
+# backward, and rank-0 guards on logs, checkpoints and evaluation.
+#
+# How a step is split (a choice, so that G ranks × B/G rows equal 1 rank × B rows): every rank
+# draws the whole global batch's random choices from the same (seed, step) streams as a single
+# process, then keeps its own B/G rows (shard). So each rank's data stream is a fixed slice of
+# the single-process stream: the N-rank run follows the 1-rank run step for step (up to the
+# order of float sums), --resume needs nothing new (even with another number of ranks), and the
+# price is that every rank gathers the global batch's rows (cheap next to the model at these
+# sizes). Gradients: each rank backpropagates the mean loss of its rows, and sync_gradients
+# averages the gradients, i.e. the gradient of the mean over all B rows (masked means need one
+# more step: rank_weight). We do not wrap the model in DistributedDataParallel: the dynamics
+# loss calls the model several times per step (the half-step passes of Eq 7, under no_grad),
+# and one explicit all-reduce after backward is simpler to see correct than DDP's hooks (it
+# gives up DDP's overlap of communication with the backward pass: fine at this scale).
+# Logged training figures are rank 0's rows; the loss normalisers see the global mean.
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that logs, checkpoints and evaluates."""
+    return rank() == 0
+
+
+def init_distributed(device: str = "auto") -> int:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns the world size.
+
+    Backend: nccl between CUDA GPUs, gloo otherwise (CPU; also the tests). Ranks other than 0
+    print nothing, so the log reads as a single process's (print(..., force=True) still does).
+    The group is left at exit (atexit), so no stage needs a teardown call on each of its returns.
+    """
+    if world_size() > 1 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return world_size()
+    cuda = device.split(":")[0] in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:  # before any CUDA work: this process's GPU is its LOCAL_RANK
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if not is_main():
+        import builtins
+        plain_print = builtins.print
+
+        def print_on_rank0_only(*args, force: bool = False, **kwargs):
+            if force:
+                plain_print(*args, **kwargs)
+        builtins.print = print_on_rank0_only
+    print(f"data parallel: {world_size()} ranks ({dist.get_backend()} backend)")
+    return world_size()
+
+
+def single_process_only(stage: str) -> None:
+    """A stage that is not data-parallel refuses torchrun, rather than train G copies that
+    overwrite one another's run folder. (imagine.py: each step's cost is generating rollouts,
+    which sharding a global batch's draws would repeat on every rank.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"{stage} runs in one process: start it with python, not torchrun "
+                         f"(data parallelism covers tokenizer.py, dynamics.py and agent.py)")
+
+
+def check_batch(flag: str, batch: int) -> int:
+    """Rows per rank for a global batch of `batch` rows; a clear error if the ranks cannot split
+    it evenly (uneven shards would weight the ranks' rows unequally in the averaged gradient).
+    flag: how the user sets that number (the message names it)."""
+    n = world_size()
+    if batch % n:
+        raise ValueError(f"{flag} = {batch} rows of the global batch must be divisible by the "
+                         f"{n} ranks of this torchrun (each rank takes 1/{n} of them): change "
+                         f"the batch or the number of processes (--nproc_per_node)")
+    return batch // n
+
+
+def shard(x, flag: str = "--batch"):
+    """This rank's rows of a global batch: tensor (B, ...) → (B/G, ...); dicts and None too.
+
+    Strided (rank r keeps rows r, r + G, r + 2G, …), so a batch made of parts, like agent.py's
+    uniform rows followed by its task-relevant rows, gives every rank its share of each part,
+    in the same order (the first rows of a shard are then its uniform ones)."""
+    if isinstance(x, dict):
+        return {k: shard(v, flag) for k, v in x.items()}
+    if x is None or world_size() == 1:
+        return x
+    check_batch(flag, x.shape[0])
+    return x[rank()::world_size()]
+
+
+def rank_weight(count: torch.Tensor) -> torch.Tensor | float:
+    """The factor that turns a rank's masked mean into its share of the global masked mean.
+
+    A masked mean sum_r / count_r per rank, averaged over G ranks, is not Σ sum_r / Σ count_r
+    when the ranks' counts differ. Multiplied by count_r · G / Σ count_r it becomes
+    G · sum_r / Σ count_r, whose average over the ranks (sync_gradients) is the global mean.
+    1.0 in a single process. A collective: call it on every rank, in training only."""
+    if world_size() == 1:
+        return 1.0
+    total = count.detach().float().clone()
+    dist.all_reduce(total)
+    return count.detach().float() * world_size() / total.clamp_min(1)
+
+
+def sync_gradients(model: nn.Module) -> None:
+    """Average the gradients over the ranks (call after backward, before clipping): every rank
+    then holds the gradient of the global batch's mean loss and takes the same optimiser step.
+
+    One all-reduce of all gradients flattened into one buffer. A parameter without a gradient
+    on some rank (a path its rows did not use) counts as zero there; one without a gradient on
+    every rank keeps grad None, as in a single process (AdamW then skips it)."""
+    n = world_size()
+    if n == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    dev = params[0].device
+    used = torch.tensor([float(p.grad is not None) for p in params], device=dev)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    live = [p for p, u in zip(params, used.tolist()) if u]
+    if not live:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in live])
+    dist.all_reduce(flat)
+    flat /= n
+    offset = 0
+    for p in live:  # views into the one buffer: no second copy of the gradients
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+
+
+def all_mean(value: float) -> float:
+    """The mean of a number over the ranks (the number itself in a single process)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # nccl moves GPU tensors only
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t) / world_size()
 
 
 # ------------------------------------------------ Compute dtype (a measured probe) and MFU
@@ -445,7 +672,10 @@ def matmul_peaks(device: torch.device, shapes=PROBE_SHAPES, rounds: int = 3,
             for m, k, n in shapes:
                 x = torch.randn(m, k, device=device, generator=gen).to(dt)
                 w = torch.randn(k, n, device=device, generator=gen).to(dt)
-                x @ w  # warm-up: kernel choice and weight packing are not throughput
+                try:
+                    x @ w  # warm-up: kernel choice and weight packing are not throughput
+                except (RuntimeError, TypeError):  # e.g. mps before macOS 14: no bf16 matmul
+                    break  # peak 0 = unsupported (choose_dtype then keeps fp32)
                 for _ in range(reps):  # the best single matmul: a time slice lost to another
                     sync_device(device)      # process spoils one sample, not the whole figure
                     t0 = time.perf_counter()
@@ -456,12 +686,27 @@ def matmul_peaks(device: torch.device, shapes=PROBE_SHAPES, rounds: int = 3,
     return peaks
 
 
+def autocast_available(device_type: str) -> bool:
+    """Whether this torch has autocast for the device type (mps: torch 2.5 or newer)."""
+    check = getattr(torch.amp, "is_autocast_available", None)  # torch 2.4 and newer
+    return check(device_type) if check else device_type in ("cuda", "cpu")
+
+
 def choose_dtype(want: str, device_type: str, peaks: dict[str, float], cuda_bf16: bool = True,
-                 min_gain: float = 1.3) -> str:
+                 min_gain: float = 1.3, autocast_ok: bool = True) -> str:
     """The compute dtype: `want` unless "auto"; auto is bf16 on a CUDA GPU that supports it, and
     on a CPU whose measured bf16 matmul is at least `min_gain` × its fp32 one (a smaller gain
-    does not pay for the casts around every matmul); fp32 elsewhere (mps: fp32, untested)."""
+    does not pay for the casts around every matmul); fp32 elsewhere (mps: fp32, untested
+    on hardware; bf16 when asked for, autocast exists and the probe's bf16 matmul ran)."""
     assert want in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {want}"
+    if want == "bf16" and not autocast_ok:  # torch.autocast would warn and compute in fp32
+        print(f"!! --dtype bf16: this torch has no autocast on {device_type} (mps: torch 2.5 "
+              f"or newer); computing in fp32")
+        return "fp32"
+    if want == "bf16" and not peaks.get("bf16", 1.0):  # the probe's bf16 matmul failed
+        print(f"!! --dtype bf16: this {device_type} device cannot multiply bf16 matrices "
+              f"(on mps: macOS 14 or newer); computing in fp32")
+        return "fp32"
     if want != "auto":
         return want
     if device_type == "cuda":
@@ -475,7 +720,10 @@ def set_compute_dtype(device: torch.device, want: str = "auto") -> str:
     """Probe the matmul peaks, choose the dtype for this process, print both; returns it."""
     peaks = matmul_peaks(device)
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    dtype = choose_dtype(want, device.type, peaks, cuda_bf16)
+    dtype = choose_dtype(want, device.type, peaks, cuda_bf16,
+                         autocast_ok=autocast_available(device.type))
+    if world_size() > 1:  # the ranks must compute alike: rank 0's probe decides for all
+        dtype = "bf16" if all_mean(float(is_main() and dtype == "bf16")) > 0 else "fp32"
     _COMPUTE.update(dtype=dtype, peaks=peaks)
     how = "chosen by the probe" if want == "auto" else "--dtype"
     print(f"compute dtype: {dtype} ({how}; measured matmul peaks, torch threads "
@@ -555,11 +803,15 @@ def mfu_figures(flops_per_step: float, steps_per_s: float, peak: float | None = 
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; peak resident memory of the process elsewhere."""
+    """Peak GPU memory allocated by torch on CUDA; on mps the memory Metal holds for torch (its
+    caching allocator keeps what it took, so about the peak); peak resident memory elsewhere."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 30
     import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)  # macOS: bytes; Linux: KiB
 
 
 def save_checkpoint(path: str, payload: dict) -> None:

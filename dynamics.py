@@ -513,6 +513,8 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 
 def train(a: Args) -> dict:
+    common.init_distributed(a.device)  # under torchrun: one of several data-parallel ranks
+    common.check_batch("--batch", a.batch), common.check_batch("--batch-long", a.batch_long)
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
@@ -581,6 +583,7 @@ def train(a: Args) -> dict:
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac)
+        fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
 
         if a.ctx_stream:  # the history stream: every frame at τ_ctx, tagged d_min
             fb["history"] = corrupt(torch.randn(fb["clean"].shape, generator=gen, device=device),
@@ -609,13 +612,14 @@ def train(a: Args) -> dict:
         loss = norm(terms["loss"])  # ÷ running RMS (§3 intro)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        common.sync_gradients(model)  # the mean gradient over the ranks (no-op alone)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
         step, steps_run = step + 1, steps_run + 1
         if ema is not None:
             ema_update(ema, model, step, a.ema)
         frames_run, frames_log, steps_log = frames_run + B * T, frames_log + B * T, steps_log + 1
-        if step % a.log_every == 0 or step == a.steps:
+        if common.is_main() and (step % a.log_every == 0 or step == a.steps):
             log.log(step, {"loss": terms["loss"].detach(), "flow": terms["flow"],
                            "boot": terms["boot"], "grad_norm": gnorm,
                            "lr": common.lr_at(step - 1, a.lr, a.warmup, a.steps)},
@@ -625,12 +629,14 @@ def train(a: Args) -> dict:
             eta = (time.time() - t_start) / 5 * (a.steps - step) / 60
             print(f"!! the default preset is sized for a GPU: on this CPU it would take about "
                   f"{eta:.0f} min. Try --preset cpu (≤ 15 min on 2 cores).")
-        if step % a.ckpt_every == 0 or step == a.steps or step == a.stop_at:
+        if common.is_main() and (step % a.ckpt_every == 0 or step in (a.steps, a.stop_at)):
             save(step)
         if a.stop_at and step >= a.stop_at:
             print(f"stopping at step {step} (--stop-at); continue with --resume")
             return {}
     wall = time.time() - t_start
+    if not common.is_main():  # evaluation and summary: rank 0's
+        return {}
 
     # Final evaluation, pictures, summary.json.
     summary = {

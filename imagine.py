@@ -447,6 +447,7 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def train(a: Args) -> dict:
+    common.single_process_only("imagine.py")  # not data-parallel (common.py)
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)

@@ -513,6 +513,8 @@ def evaluate(model: Tokenizer, loader, batches: int, batch_size: int, device, se
 
 
 def train(a: Args) -> dict:
+    common.init_distributed(a.device)  # under torchrun: one of several data-parallel ranks
+    common.check_batch("--batch-size", a.batch_size)  # the global batch, split over the ranks
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
@@ -574,9 +576,11 @@ def train(a: Args) -> dict:
         # depend on model initialisation, and --resume sees exactly the batches of a full run.
         train_loader.rng = np.random.default_rng([a.seed, step])
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
-        frames = train_loader.sample(a.batch_size)["frames"].to(device)  # (B, T, H, W, 3) uint8
+        frames = train_loader.sample(a.batch_size)["frames"]  # (B, T, H, W, 3) uint8
         B, T = frames.shape[:2]
         mae = sample_mae_mask(B, T, model.n_patches, a.mae_max, gen, device)  # (B, T, N_p)
+        # this rank's rows of the global batch (all of them in a single process)
+        frames, mae = common.shard(frames).to(device), common.shard(mae)
         lr = common.lr_at(step, a.lr, a.warmup, a.steps)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -586,17 +590,18 @@ def train(a: Args) -> dict:
         common.check_finite(step, **terms)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        common.sync_gradients(model)  # the mean gradient over the ranks (no-op alone)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
         step += 1
         steps_run += 1
-        if step % a.log_every == 0 or step == a.steps:
+        if common.is_main() and (step % a.log_every == 0 or step == a.steps):
             with torch.no_grad():
                 train_psnr = float(psnr(recon.detach(), frames.float() / 255).mean())
             raw = {k: v for k, v in terms.items() if k != "loss"}
             log.log(step, {**raw, "loss": terms["loss"], "psnr": train_psnr, "grad_norm": gnorm,
                            "lr": lr}, B * T)
-        if step % a.eval_every == 0 or step == a.steps:
+        if common.is_main() and (step % a.eval_every == 0 or step == a.steps):
             result = evaluate(model, held_loader, a.eval_batches, a.batch_size, device, a.seed)
             print(f"eval step {step}: held-out PSNR {result['psnr']:.2f} dB | "
                   f"SSIM {result['ssim']:.4f} (MAE p = 0)")
@@ -608,6 +613,8 @@ def train(a: Args) -> dict:
             print(f"stopping at step {step} (--stop-at); continue with --resume")
             return {}
     wall = time.time() - t_start
+    if not common.is_main():  # evaluation, latent cache and summary: rank 0's
+        return {}
 
     import tokenizer_eval  # the measuring instruments: imported here, never at the top
     moving = tokenizer_eval.report(model, held_loader, a.seed, device, a.out, a.eval_batches,
