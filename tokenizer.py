@@ -282,10 +282,7 @@ def build_tokenizer(a: dict) -> Tokenizer:
 
 def load_tokenizer(path: str = "runs/tokenizer/ckpt.pt", device="cpu"):
     """Frozen, eval-mode tokenizer for the later stages. Returns (model, checkpoint dict)."""
-    run_dir = os.path.normpath(os.path.dirname(path))
-    preset = next((n for n, p in PRESETS.items() if os.path.normpath(p["out"]) == run_dir),
-                  "default")
-    how = f"python tokenizer.py --preset {preset} --out {run_dir}"  # the command that writes it
+    how = common.command_for("tokenizer.py", Args, PRESETS, os.path.dirname(path))  # writes it
     ckpt = common.load_checkpoint(path, "tokenizer", how)
     model = build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
@@ -647,4 +644,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, Args, PRESETS)  # Ctrl-C: a short message with the --resume command
