@@ -607,7 +607,8 @@ def test_check_command_fails_on_errors(smoke, tmp_path):
 
 def test_action_components_as_objects_load(smoke, tmp_path):
     root = copy_of(smoke, tmp_path)
-    edit_meta(root, action_components=[{"name": "move", "classes": 5}, {"name": "use", "classes": 2},
+    edit_meta(root, action_components=[{"name": "move", "classes": 5},
+                                       {"name": "use", "classes": 2},
                                        {"name": "place", "classes": 2},
                                        {"name": "craft", "classes": 2}])
     assert data.load_meta(root)["action_components"] == environment.ACTION_COMPONENTS
