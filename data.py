@@ -49,6 +49,7 @@ import json
 import os
 import re
 import shutil
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -808,8 +809,9 @@ def print_check(root: str, findings: list[tuple[str, str]]) -> int:
     """Print the findings; returns the number of errors."""
     marks = {"ok": "  ok  ", "warn": "  WARN", "error": "  ERROR"}
     print(f"checking {root}")
-    for level, text in findings:
-        print(f"{marks[level]} {text}")
+    for level, text in findings:  # wrapped to 100 columns, the continuation indented
+        print(textwrap.fill(text, 100, initial_indent=marks[level] + " ",
+                            subsequent_indent=" " * 8))
     errors = sum(level == "error" for level, _ in findings)
     warns = sum(level == "warn" for level, _ in findings)
     print(f"{errors} error(s), {warns} warning(s)"
