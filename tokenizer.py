@@ -404,7 +404,9 @@ class LatentCache:
         self.data_root, self.split = index["data"], split
         self.episodes = index["splits"][split]
         if not self.episodes:
-            raise ValueError(f"the '{split}' split of {self.data_root} has no episodes")
+            raise ValueError(f"the '{split}' split of {self.data_root} has no episodes: a "
+                             f"dataset needs at least one training and one held-out episode; "
+                             f"`python data.py --check {self.data_root}` says what to fix")
 
         def load(name):  # a memory map of one array, or None if the dataset has no such labels
             file = os.path.join(cache_dir, f"{split}_{name}.npy")
@@ -417,6 +419,11 @@ class LatentCache:
 
     def _starts(self, T: int, relevant: bool):
         """Global start offsets of all windows of length T (`relevant`: those with a reward)."""
+        short = [ep["id"] for ep in self.episodes if ep["length"] < T]
+        if short and not relevant:  # said once per window length, not silently
+            print(f"note: {len(short)} of {len(self.episodes)} '{self.split}' episodes are shorter "
+                  f"than the {T}-frame windows and are left out (e.g. {short[0]}); "
+                  f"`python data.py --check {self.data_root}` lists them")
         starts = []
         for ep in self.episodes:
             first, length = ep["offset"], ep["length"]
