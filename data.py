@@ -131,6 +131,15 @@ def generate(args: Args) -> str:
     tmp = root.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        return _generate_into(args, root, tmp)
+    except BaseException:  # an error or Ctrl-C: never leave half a dataset behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _generate_into(args: Args, root: str, tmp: str) -> str:
+    """The body of generate: the episodes and pictures into tmp, then tmp renamed to root."""
     ids, all_rewards, t0 = [f"ep{i:06d}" for i in range(args.episodes)], [], time.time()
     batch = 16  # episodes in lockstep (batched decoding); fixed: the data depends on seed only
     for start in range(0, args.episodes, batch):
@@ -403,7 +412,9 @@ def _infer_meta(root: str, files: list[str]) -> dict:
             "name": os.path.basename(root.rstrip("/")), "image_size": next(iter(sizes))[0],
             "fps": 10, "action_components": [[f"a{j}", c] for j, c in enumerate(classes)],
             "tasks": [f"task{k}" for k in range(next(iter(n_tasks), 0))], "episodes": len(ids),
-            "split": split_ids(ids, 0.1), "seed": None}
+            "split": split_ids(ids, 0.1), "seed": None,
+            # a guess, not a declaration: --check warns until the user confirms it
+            "action_classes_inferred": bool(classes)}
 
 
 def load_meta(root: str) -> dict:
@@ -721,6 +732,12 @@ def _check_labels(meta: dict, episodes: dict) -> list[tuple[str, str]]:
                           "video pretraining use it; the agent stages need labeled episodes"))
     elif len(actions) < len(episodes):
         out.append(("ok", f"{len(actions)} of {len(episodes)} episodes carry actions"))
+    if actions and meta.get("action_classes_inferred"):
+        out.append(("warn", f"the action classes {meta['action_components']} were guessed from "
+                            f"the largest action seen (meta.json was missing): a class the "
+                            f"episodes never show is missing, and a trained checkpoint keeps "
+                            f"this action space. Correct the classes in meta.json and delete its "
+                            f"\"action_classes_inferred\" entry."))
     if actions:
         seen = np.concatenate(actions)  # (frames, A)
         for j, (name, n) in enumerate(meta["action_components"]):

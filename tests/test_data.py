@@ -411,6 +411,30 @@ def test_dataset_with_inferred_meta_loads(inferred):
     assert batch["actions"].shape == (2, 8, 4)
 
 
+def test_check_warns_that_inferred_classes_are_a_guess(inferred):
+    assert "guessed from the largest action seen" in findings(inferred, "warn")
+
+
+def test_check_accepts_classes_once_confirmed(inferred, tmp_path):
+    root = copy_of(inferred, tmp_path)
+    with open(os.path.join(root, "meta.json")) as f:
+        meta = json.load(f)
+    del meta["action_classes_inferred"]  # what the warning asks for, after checking the classes
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    assert "guessed" not in findings(root, "warn")
+
+
+def test_failed_generation_leaves_no_partial_folder(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the contractors' play
+    monkeypatch.setattr(environment, "rollout", crash)
+    out = str(tmp_path / "gen")
+    with pytest.raises(KeyboardInterrupt):
+        data.generate(parse_args(data.Args, data.PRESETS, ["--preset", "smoke", "--out", out]))
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- simulate_future
 
 EID, T0, H = "ep000001", 10, 12  # episode, the frame the plans start at, plan length
