@@ -430,7 +430,8 @@ def build_agent(agent_args: dict, dyn_args: dict, shapes: dict) -> AgentModel:
 
 def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
     """(model, checkpoint) of a trained agent; ckpt["tokenizer"] is its tokenizer's path."""
-    ckpt = common.load_checkpoint(path, "agent", "python agent.py")
+    how = common.command_for("agent.py", Args, PRESETS, os.path.dirname(path))  # writes it
+    ckpt = common.load_checkpoint(path, "agent", how)
     model = build_agent(ckpt["args"], ckpt["dynamics_args"], ckpt["shapes"])
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
@@ -659,4 +660,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, Args, PRESETS)  # Ctrl-C: a short message with the --resume command

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 
@@ -399,35 +400,80 @@ def _field_help(cls) -> dict[str, str]:
     return helps
 
 
+# The valid range of the numeric flags, by field name: a name means the same kind of number in
+# every stage. parse_args checks every resolved value (default, preset, flag) against it, so a
+# bad number stops the run at once and names its range, instead of a numpy error minutes later or
+# a run that trains nothing and exits 0. An integer field not listed here is a count, size or
+# interval and must be ≥ 1, or ≥ 0 when its help says what 0 means ("0 = off", "0 skips …").
+POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, "≥ 0")
+AT_LEAST_ONE = (lambda v: v >= 1, "≥ 1")
+FRACTION, SIGNAL = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 < v <= 1, "in (0, 1]")
+FLAG_RANGES = {
+    **dict.fromkeys(("lr", "value_lr", "grad_clip", "mlp_ratio", "space_rope_base"), POSITIVE),
+    **dict.fromkeys(("weight_decay", "lpips_weight", "boot_clip", "beta", "soft_cap", "warmup",
+                     "seed", "stop_at", "resize"), NON_NEGATIVE),
+    **dict.fromkeys(("mae_max", "flow_frac", "start_frac", "relevant_frac", "long_only_frac",
+                     "lam", "alpha"), FRACTION),
+    **dict.fromkeys(("ctx_tau", "gamma"), SIGNAL),
+    "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),  # 1 would never move the EMA weights
+    "heldout": (lambda v: 0 < v < 1, "in (0, 1)"),  # both splits must hold an episode
+    "time_layer": (lambda v: True, "any layer index (−1 = the last)"),
+}
+
+
+def flag_range(name: str, kind: type, help_text: str):
+    """(check, description) of the values field `name` accepts, or None when any value goes."""
+    if name in FLAG_RANGES:
+        return FLAG_RANGES[name]
+    if kind is int:
+        return NON_NEGATIVE if re.search(r"\b0 (=|skips)", help_text) else AT_LEAST_ONE
+    return None
+
+
 def parse_args(cls, presets: dict[str, dict] | None = None, argv: list[str] | None = None):
     """Turn an `Args` dataclass into a command line (stdlib argparse only).
 
     Field `foo_bar` becomes `--foo-bar`; bools become `--flag/--no-flag`; each field's trailing
     comment is its help. `--preset NAME` applies `presets[NAME]`; flags given explicitly win.
-    Precedence: dataclass default < preset < explicit flag.
+    Precedence: dataclass default < preset < explicit flag. `--preset NAME --help` shows NAME's
+    values. Numbers outside their range (FLAG_RANGES) are rejected with the range.
     """
     presets = presets or {}
     helps = _field_help(cls)
+    # The preset is read first, so that `--preset smoke --help` shows the smoke values.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--preset")
+    asked = early.parse_known_args(argv)[0].preset
+    shown = presets.get(asked, {})
     description = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    kinds = {}  # field -> int, float or str
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{helps.get(f.name, '')} (default: {f.default})"
-        help_text = help_text.replace("%", "%%")  # argparse %-formats the help
+        default = f"(default: {f.default})"
+        if f.name in shown and shown[f.name] != f.default:
+            default = f"(default: {shown[f.name]} with --preset {asked}; {f.default} without)"
+        help_text = f"{helps.get(f.name, '')} {default}".replace("%", "%%")  # argparse %-formats
         if f.name == "preset":
             parser.add_argument(flag, choices=["default", *presets], help=help_text)
         elif f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             type_name = f.type if isinstance(f.type, str) else f.type.__name__
-            kind = {"int": int, "float": float, "str": str}.get(type_name, str)
-            parser.add_argument(flag, type=kind, help=help_text)
+            kinds[f.name] = {"int": int, "float": float, "str": str}.get(type_name, str)
+            parser.add_argument(flag, type=kinds[f.name], help=help_text)
     given = vars(parser.parse_args(argv))
     values = {f.name: f.default for f in dataclasses.fields(cls)}
     preset = given.get("preset", values.get("preset", "default"))
     if preset != "default":
         values.update(presets[preset])
     values.update(given)
+    for name, kind in kinds.items():
+        valid = flag_range(name, kind, helps.get(name, ""))
+        if kind in (int, float) and valid and not valid[0](values[name]):
+            where = "" if name in given else f" (from --preset {preset})"
+            parser.error(f"argument --{name.replace('_', '-')}: {values[name]}{where} is out of "
+                         f"range; it must be {valid[1]}")
     args = cls(**values)
     args._given = set(given)  # the flags typed on the command line
     return args
@@ -822,6 +868,40 @@ def save_checkpoint(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _same_path(x: str, y: str) -> bool:
+    return os.path.abspath(x) == os.path.abspath(y)
+
+
+def command_for(script: str, cls, presets: dict, run_dir: str) -> str:
+    """The command that (re)writes the run folder `run_dir` of `script` (e.g. "tokenizer.py"),
+    with the run's own flags: its preset and the values that differ from that preset, read from
+    run_dir/args.json; without one, the preset whose run folder run_dir is. --out unless it is the
+    preset's own run folder. Error messages suggest it, so it must work as written."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    recorded = {}
+    if os.path.exists(os.path.join(run_dir, "args.json")):
+        with open(os.path.join(run_dir, "args.json")) as f:
+            recorded = json.load(f)
+    preset = recorded.get("preset") or next(
+        (n for n, p in presets.items() if _same_path(p.get("out", ""), run_dir)), "default")
+    values = {**defaults, **presets.get(preset, {})}
+    flags = [] if preset == "default" else ["--preset", preset]
+    for name, value in recorded.items():
+        # Not the run's identity: where it ran, how it was interrupted, its resolved dtype.
+        if name in ("preset", "out", "resume", "stop_at", "device", "dtype", "compile"):
+            continue
+        if name not in values or value == values[name]:
+            continue
+        flag = name.replace("_", "-")
+        if isinstance(value, bool):
+            flags += ["--" + ("" if value else "no-") + flag]
+        else:
+            flags += ["--" + flag, str(value)]
+    if not _same_path(values["out"], run_dir):
+        flags += ["--out", run_dir]
+    return shlex.join(["python", script, *flags])
+
+
 def load_checkpoint(path: str, stage: str, how_to_make: str) -> dict:
     """Load a checkpoint with weights_only=True and say clearly what is wrong if it is not usable.
 
@@ -842,6 +922,14 @@ def load_checkpoint(path: str, stage: str, how_to_make: str) -> dict:
     return ckpt
 
 
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; inf for a line cut off by a crash (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """One grep-able line per log step on stdout, and the same numbers in metrics.jsonl."""
 
@@ -850,6 +938,13 @@ class MetricsLog:
         self.path, self.total = os.path.join(out_dir, "metrics.jsonl"), total_steps
         if not resume and os.path.exists(self.path):
             os.remove(self.path)  # a fresh run starts a fresh log
+        elif os.path.exists(self.path):
+            # The interrupted run may have logged steps after its last checkpoint; the resumed run
+            # logs them again, so they are dropped here (a step appears once in the log).
+            with open(self.path) as f:
+                kept = [line for line in f if _logged_step(line) <= start_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
         self.t_last, self.step_last = time.time(), start_step  # speed is measured from here
 
     def log(self, step: int, metrics: dict, frames_per_step: int = 0) -> dict:
@@ -869,6 +964,29 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+
+def run_main(main, cls, presets: dict) -> None:
+    """Run a stage's main() from the command line. Ctrl-C ends it with one short message and the
+    exact command that continues the run (the same flags plus --resume), not a traceback."""
+    started = time.time()
+    try:
+        main()
+    except KeyboardInterrupt:
+        argv = sys.argv[1:]
+        a = parse_args(cls, presets, argv)  # the same flags: where the run folder is
+        ckpt = os.path.join(a.out, "ckpt.pt")
+        script = ["python", os.path.basename(sys.argv[0])]
+        if os.path.exists(ckpt) and (a.resume or os.path.getmtime(ckpt) >= started):
+            step = torch.load(ckpt, map_location="cpu", weights_only=True).get("step")
+            resume = [] if a.resume else ["--resume"]
+            print(f"\ninterrupted. The last checkpoint, {ckpt} (step {step}), is kept; continue "
+                  f"the run with:\n  {shlex.join(script + argv + resume)}", flush=True)
+        else:
+            fresh = [x for x in argv if x != "--resume"]
+            print(f"\ninterrupted before this run wrote its first checkpoint: nothing to resume. "
+                  f"Start it again with:\n  {shlex.join(script + fresh)}", flush=True)
+        sys.exit(130)  # the shell's status for "ended by Ctrl-C"
 
 
 def check_finite(step: int, **terms: torch.Tensor) -> None:

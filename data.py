@@ -13,6 +13,7 @@ Run:
     python data.py --preset cpu     # data/diamond32: 1,000 episodes × 256 frames, 32×32 (≈ 1 min)
     python data.py --preset smoke   # data/smoke: 8 episodes × 64 frames, 32×32 (tests)
     python data.py --from-frames DIR --out data/NAME   # image folders as unlabeled episodes
+    python data.py --check DIR      # check a dataset folder against the data contract
     python data.py --bench          # environment frames/s (= python environment.py --bench)
     python data.py --eval-random    # random, contractor, expert (= environment.py --eval-random)
 
@@ -46,7 +47,9 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -79,6 +82,8 @@ class Args:
     eval_episodes: int = 200  # episodes for --eval-random
     from_frames: str = ""  # import DIR/<episode>/<frames>.png as unlabeled episodes into --out
     resize: int = 0  # with --from-frames: resize images to N×N (0 = keep; sizes must agree)
+    check: str = ""  # only check the dataset folder DIR against the data contract, then exit
+    probe: bool = True  # with --check: also run the action-alignment probe (seconds)
 
 
 PRESETS = {"smoke": dict(name="smoke", image_size=32, episodes=8, episode_len=64, assets=False,
@@ -126,6 +131,15 @@ def generate(args: Args) -> str:
     tmp = root.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        return _generate_into(args, root, tmp)
+    except BaseException:  # an error or Ctrl-C: never leave half a dataset behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _generate_into(args: Args, root: str, tmp: str) -> str:
+    """The body of generate: the episodes and pictures into tmp, then tmp renamed to root."""
     ids, all_rewards, t0 = [f"ep{i:06d}" for i in range(args.episodes)], [], time.time()
     batch = 16  # episodes in lockstep (batched decoding); fixed: the data depends on seed only
     for start in range(0, args.episodes, batch):
@@ -219,24 +233,49 @@ def _read_image(path: str, resize: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)  # (H, W, 3)
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: frame_2 before frame_10 (ffmpeg writes %d.png)."""
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
+
+
 def import_frames(src: str, out: str, resize: int = 0, fps: int = 10, heldout: float = 0.1) -> str:
     """DIR/<episode>/<frame images, sorted by name> -> out/ep000000.npz … (frames only) +
     meta.json. Images must share one square size unless `resize` > 0 resizes all to
     resize×resize (bilinear)."""
-    folders = []
-    if os.path.isdir(src):
-        folders = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--from-frames {src} does not exist (or is not a folder)")
+    folders = sorted((d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d))),
+                     key=natural_key)
     if not folders:
-        raise FileNotFoundError(f"{src}: expected one sub-folder of images per episode, found none")
+        raise FileNotFoundError(f"{src}: expected one sub-folder of images per episode "
+                                f"({src}/<episode>/<frame>.png), found no sub-folder")
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
     tmp = out.rstrip("/") + ".partial"  # written in full, then renamed (as in generate)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _import_into(src, folders, tmp, resize, fps, heldout, os.path.basename(out.rstrip("/")))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half an import behind
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    meta = load_meta(out)
+    resized = f" (resized to {resize}×{resize})" if resize else ""
+    print(f"imported {meta['episodes']} unlabeled episodes of {meta['image_size']}×"
+          f"{meta['image_size']} frames into {out}{resized}")
+    print_check(out, check_dataset(out))  # the same checks as `python data.py --check`
+    return out
+
+
+def _import_into(src: str, folders: list[str], tmp: str, resize: int, fps: int, heldout: float,
+                 name: str) -> None:
+    """The body of import_frames: every episode folder of src into tmp, then meta.json."""
     size, sources = None, {}  # sources: episode id -> its sub-folder
     for d in folders:
-        files = sorted(f for f in os.listdir(os.path.join(src, d))
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted((f for f in os.listdir(os.path.join(src, d))
+                        if f.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
         if not files:
             warnings.warn(f"{os.path.join(src, d)}: no images; skipped")
             continue
@@ -255,22 +294,20 @@ def import_frames(src: str, out: str, resize: int = 0, fps: int = 10, heldout: f
             frames.append(a)
         sources[f"ep{len(sources):06d}"] = d
         write_episode(tmp, list(sources)[-1], np.stack(frames))  # frames only: (T, H, W, 3)
+    if not sources:
+        raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_EXTENSIONS)}) in any "
+                                f"episode sub-folder")
     write_meta(tmp, {"format_version": 1, "generator": "data.py --from-frames",
-                     "name": os.path.basename(out.rstrip("/")), "image_size": size[0], "fps": fps,
+                     "name": name, "image_size": size[0], "fps": fps,
                      "action_components": [], "tasks": [], "episodes": len(sources),
                      "split": split_ids(list(sources), heldout), "seed": None,
                      "sources": sources})
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    resized = f" (resized to {resize}×{resize})" if resize else ""
-    print(f"imported {len(sources)} unlabeled episodes of {size[0]}×{size[1]} frames into "
-          f"{out}{resized}")
-    return out
 
 
 # ==== Reading a dataset: validation, meta.json, the window sampler ============================
-REGENERATE = ("Regenerate a built-in dataset with `python data.py` (see --help), "
-              "or fix/delete this file.")
+REGENERATE = ("Fix the file (data contract: `python data.py --help`); a built-in dataset "
+              "(diamond64, diamond32, smoke) is remade by deleting its folder and running "
+              "`python data.py` with its --preset.")
 HOW_TO_MAKE = ("Generate the built-in dataset with `python data.py`, or import images with "
                "`python data.py --from-frames DIR --out {}`.")
 
@@ -375,7 +412,9 @@ def _infer_meta(root: str, files: list[str]) -> dict:
             "name": os.path.basename(root.rstrip("/")), "image_size": next(iter(sizes))[0],
             "fps": 10, "action_components": [[f"a{j}", c] for j, c in enumerate(classes)],
             "tasks": [f"task{k}" for k in range(next(iter(n_tasks), 0))], "episodes": len(ids),
-            "split": split_ids(ids, 0.1), "seed": None}
+            "split": split_ids(ids, 0.1), "seed": None,
+            # a guess, not a declaration: --check warns until the user confirms it
+            "action_classes_inferred": bool(classes)}
 
 
 def load_meta(root: str) -> dict:
@@ -390,16 +429,47 @@ def load_meta(root: str) -> dict:
             raise FileNotFoundError(f"{root}: no .npz episodes and no meta.json. "
                                     f"{HOW_TO_MAKE.format(root)}")
         write_meta(root, _infer_meta(root, files))
-        print(f"note: {path} was missing; inferred it from the episodes and wrote it "
-              f"(edit names there if you like)")
+        with open(path) as f:
+            comps = json.load(f)["action_components"]
+        print(f"note: {path} was missing; inferred it from the episodes and wrote it. Action "
+              f"classes = largest action seen + 1 ({comps}): if your game has more classes "
+              f"than the episodes show, correct them there.")
     with open(path) as f:
         meta = json.load(f)
     missing = {"image_size", "fps", "action_components", "tasks", "split"} - set(meta)
     if missing:
         raise _bad(path, f"missing fields {sorted(missing)}. Delete meta.json to have it "
                          f"inferred, or")
-    meta["action_components"] = [(str(n), int(c)) for n, c in meta["action_components"]]
+    meta["action_components"] = _components(meta["action_components"], path)
+    meta["split"] = {k: [_episode_id(i) for i in meta["split"].get(k, [])]
+                     for k in ("train", "heldout")}
     return meta
+
+
+EXPECTED_COMPONENTS = ('"action_components": [["move", 5], ["use", 2]] (name, number of '
+                       'classes; [] for unlabeled video)')
+
+
+def _components(value, path: str) -> list[tuple[str, int]]:
+    """meta.json's action_components as [(name, classes)]. Accepted: [[name, classes], …] (what
+    data.py writes), [{"name": …, "classes": …}, …] and {name: classes, …}."""
+    if isinstance(value, dict):
+        value = list(value.items())
+    try:
+        pairs = [(c["name"], c["classes"]) if isinstance(c, dict) else tuple(c) for c in value]
+        comps = [(str(n), int(c)) for n, c in pairs]
+    except (KeyError, TypeError, ValueError):
+        comps = []
+    if len(comps) != len(value) or any(c < 2 for _, c in comps):
+        raise ValueError(f"{path}: action_components {json.dumps(value)[:120]} is not understood; "
+                         f"expected {EXPECTED_COMPONENTS}, every component with ≥ 2 classes")
+    return comps
+
+
+def _episode_id(name: str) -> str:
+    """An episode id as the split lists it: the file name without .npz (either is accepted)."""
+    name = os.path.basename(str(name))
+    return name[:-4] if name.endswith(".npz") else name
 
 
 def _split_ids(root: str, meta: dict, split: str) -> list[str]:
@@ -411,7 +481,9 @@ def _split_ids(root: str, meta: dict, split: str) -> list[str]:
         ids = meta["split"][split]
     for path in (os.path.join(root, i + ".npz") for i in ids):
         if not os.path.exists(path):
-            raise _bad(path, "listed in meta.json but missing.", FileNotFoundError)
+            raise FileNotFoundError(f"{path}: listed in meta.json but missing; put the file "
+                                    f"back or remove '{os.path.basename(path)[:-4]}' from "
+                                    f"split in meta.json.")
     return ids
 
 
@@ -444,8 +516,8 @@ class SequenceDataset:
         self.ids, self.episodes = list(checked), list(checked.values())
         if not self.ids:
             raise ValueError(f"{root}: split '{split}' has no episode of at least "
-                             f"seq_len={seq_len} frames (run `python data.py` to generate, "
-                             f"or lower seq_len)")
+                             f"seq_len={seq_len} frames; `python data.py --check {root}` "
+                             f"lists what to fix (or lower --seq-len)")
         self.n_frames = sum(e["T"] for e in self.episodes)
         # Uniform sampling over every valid window: episode i owns T_i − seq_len + 1 starts.
         starts = [e["T"] - seq_len + 1 for e in self.episodes]
@@ -505,6 +577,263 @@ class SequenceDataset:
             return torch.tensor([r[j] for r in rows], dtype=torch.int64)
         return {**out, "task": column(2), "relevant": torch.arange(batch_size) < n_rel,
                 "episode": column(0), "start": column(1)}
+
+
+# ==== Checking a dataset: the contract, then quick data-quality controls ======================
+# `python data.py --check DIR` and every --from-frames import run `check_dataset`: one finding per
+# problem, each naming the fix. Errors stop training; warnings are mistakes that train silently.
+CHECK_EPISODES = 64  # episodes the quality controls look at (evenly spaced): seconds, not minutes
+PROBE_STEPS = 150  # Adam steps of the alignment probe per shift (≈ 1 s each on one core)
+
+
+def preset_windows() -> dict[str, dict[str, int]]:
+    """preset -> {stage flag: frames} of the windows the stages cut from an episode; an episode
+    shorter than a window is left out of that stage's training."""
+    import agent
+    import dynamics
+    import imagine
+    import tokenizer
+    windows = {}
+    for preset in ("default", "cpu", "smoke"):
+        def value(module, field):  # the preset's value of one Args field
+            return module.PRESETS.get(preset, {}).get(field, getattr(module.Args, field))
+        windows[preset] = {"tokenizer.py --seq-len": value(tokenizer, "seq_len"),
+                           "dynamics.py --seq-len-long": value(dynamics, "seq_len_long"),
+                           "agent.py --seq-len": value(agent, "seq_len"),
+                           "imagine.py --context": value(imagine, "context")}
+    return windows
+
+
+def _probe_features(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T − 1, 9, S, S) float32: frame t, frame t+1 and their difference,
+    average-pooled to at most 32×32 pixels (the probe sees what changed, and where)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+    if x.shape[-1] > 32:
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 32)
+    return torch.cat([x[:-1], x[1:], x[1:] - x[:-1]], 1).numpy()
+
+
+def alignment_probe(episodes: list[dict], components: list, seed: int = 0) -> dict[int, float]:
+    """How well a tiny conv net recognises an action row from the frame pair (t, t+1), for the
+    action rows a_{t−1}, a_t and a_{t+1}: shift -> held-out information in nats per transition
+    (cross-entropy of the class frequencies minus the net's, summed over action components).
+    Under the data contract a_t leads to frame t+1, so shift 0 must carry the most; a clear win
+    of ±1 means the actions are stored one frame off. Held out: every other episode (or the last
+    third of a single episode)."""
+    xs, ys, held = [], [], []
+    for i, ep in enumerate(episodes):
+        T = len(ep["frames"])
+        if T < 4:
+            continue
+        t = np.arange(1, T - 2)  # transitions t → t+1 whose a_{t−1} and a_{t+1} exist
+        xs.append(_probe_features(ep["frames"])[t])  # (n, 9, S, S)
+        ys.append(np.stack([ep["actions"][t + s] for s in (-1, 0, 1)]))  # (3, n, A)
+        held.append(np.full(len(t), i % 2 == 1) if len(episodes) > 1
+                    else np.arange(len(t)) >= 2 * len(t) // 3)
+    if not xs:
+        return {}
+    x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys, 1))
+    test = torch.from_numpy(np.concatenate(held))
+    gains = {}
+    for k, shift in enumerate((-1, 0, 1)):
+        torch.manual_seed(seed)  # the same net and batches for every shift: a fair comparison
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(9, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),  # where it happened does not matter
+            torch.nn.Linear(32, sum(n for _, n in components)))
+        opt = torch.optim.Adam(net.parameters(), 3e-3)
+        train_rows = torch.nonzero(~test).squeeze(1)
+
+        def nll(rows: torch.Tensor) -> torch.Tensor:  # summed over components, mean over rows
+            logits = net(x[rows]).split([n for _, n in components], -1)
+            return sum(torch.nn.functional.cross_entropy(lg, y[k, rows, j])
+                       for j, lg in enumerate(logits))
+        for _ in range(PROBE_STEPS):
+            batch = train_rows[torch.randint(len(train_rows), (64,))]
+            opt.zero_grad()
+            nll(batch).backward()
+            opt.step()
+        with torch.no_grad():
+            rows = torch.nonzero(test).squeeze(1)
+            prior = 0.0  # cross-entropy of the training class frequencies on the held-out rows
+            for j, (_, n) in enumerate(components):
+                freq = (torch.bincount(y[k, train_rows, j], minlength=n).float() + 1)
+                prior -= torch.log(freq / freq.sum())[y[k, rows, j]].mean().item()
+            gains[shift] = prior - nll(rows).item()
+    return gains
+
+
+def check_dataset(root: str, probe: bool = True) -> list[tuple[str, str]]:
+    """Check a dataset folder against the data contract, then measure what a user cannot easily
+    see by hand. Returns [(level, message)], level "ok" (a figure), "warn" (trains, but probably
+    not as meant) or "error" (the stages refuse it); every problem names its fix."""
+    out: list[tuple[str, str]] = []
+    try:
+        meta = load_meta(root)
+    except (OSError, ValueError) as e:
+        return [("error", str(e))]
+    ids = meta["split"]["train"] + meta["split"]["heldout"]
+    for split in ("train", "heldout"):
+        if not meta["split"][split]:
+            n_ep = len(ids)
+            fix = ("import or record at least 2 episodes" if n_ep < 2 else
+                   "list some episode ids under split.\"heldout\" in meta.json")
+            out.append(("error", f"split '{split}' is empty ({n_ep} episode(s) in all): the "
+                                 f"tokenizer trains on 'train' and evaluates on 'heldout'; {fix}."))
+    if len(set(ids)) < len(ids):
+        out.append(("error", "an episode id is listed twice in meta.json's split (train and "
+                             "heldout must not share episodes); list each id once."))
+    on_disk = {os.path.basename(f)[:-4] for f in glob.glob(os.path.join(root, "*.npz"))}
+    unlisted = sorted(on_disk - set(ids))
+    if unlisted:
+        out.append(("warn", f"{len(unlisted)} .npz file(s) are in no split and never used "
+                            f"(e.g. {unlisted[0]}); add them to split in meta.json."))
+    episodes = {}  # id -> {"T", "actions", "rewards"}
+    for i in ids:
+        path = os.path.join(root, i + ".npz")
+        try:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path}: listed in meta.json but missing; put the file "
+                                        f"back or remove '{i}' from split in meta.json.")
+            episodes[i] = check_episode(path, meta)
+        except (OSError, ValueError) as e:
+            out.append(("error", str(e)))
+    if not episodes:
+        return out
+    lengths = np.array([e["T"] for e in episodes.values()])
+    S = meta["image_size"]
+    out.append(("ok", f"{len(episodes)} episodes ({len(meta['split']['train'])} train, "
+                      f"{len(meta['split']['heldout'])} held out), {lengths.sum():,} frames of "
+                      f"{S}×{S}, {lengths.min()}–{lengths.max()} frames per episode"))
+    if S % 8:
+        out.append(("warn", f"image_size {S} is not a multiple of 8, as the tokenizer's patches "
+                            f"need; re-import with --resize {max(8, S // 8 * 8)}."))
+    for preset, windows in preset_windows().items():
+        flag, need = max(windows.items(), key=lambda kv: kv[1])
+        short = int((lengths < need).sum())
+        if short:
+            out.append(("warn", f"{short} of {len(lengths)} episodes have fewer than {need} "
+                                f"frames, the longest window of --preset {preset} "
+                                f"({flag} {need}): those stages skip them. Record longer "
+                                f"episodes or lower that flag."))
+    out += _check_labels(meta, episodes)
+    out += _check_quality(root, meta, episodes, probe)
+    return out
+
+
+def _check_labels(meta: dict, episodes: dict) -> list[tuple[str, str]]:
+    """Action classes declared vs seen; the reward kind the agent stages expect (sparse 0/1)."""
+    out = []
+    actions = [e["actions"] for e in episodes.values() if e["actions"] is not None]
+    rewards = [e["rewards"] for e in episodes.values() if e["rewards"] is not None]
+    if not actions:
+        out.append(("ok", "unlabeled video (no actions): the tokenizer and the dynamics' "
+                          "video pretraining use it; the agent stages need labeled episodes"))
+    elif len(actions) < len(episodes):
+        out.append(("ok", f"{len(actions)} of {len(episodes)} episodes carry actions"))
+    if actions and meta.get("action_classes_inferred"):
+        out.append(("warn", f"the action classes {meta['action_components']} were guessed from "
+                            f"the largest action seen (meta.json was missing): a class the "
+                            f"episodes never show is missing, and a trained checkpoint keeps "
+                            f"this action space. Correct the classes in meta.json and delete its "
+                            f"\"action_classes_inferred\" entry."))
+    if actions:
+        seen = np.concatenate(actions)  # (frames, A)
+        for j, (name, n) in enumerate(meta["action_components"]):
+            used = len(np.unique(seen[:, j]))
+            if used < n:
+                out.append(("warn", f"action component '{name}' declares {n} classes but only "
+                                    f"{used} occur (max {seen[:, j].max()}); fine if the players "
+                                    f"never used the rest, else fix 'classes' in meta.json."))
+    if rewards:
+        r = np.concatenate(rewards)  # (frames, n_tasks)
+        if (r < 0).any() or not np.isin(r, (0, 1)).all():
+            out.append(("warn", f"rewards are shaped (values in [{r.min():g}, {r.max():g}], "
+                                f"not only 0 and 1); the agent stages expect one sparse 0/1 "
+                                f"reward per task, paid on the frame a milestone is reached. "
+                                f"Store (reward > 0) per task, or keep them knowingly."))
+        elif not r.any():
+            out.append(("warn", "every reward is 0: the reward head and the agent's task "
+                                "success have nothing to learn from."))
+    return out
+
+
+def _check_quality(root: str, meta: dict, episodes: dict, probe: bool) -> list[tuple[str, str]]:
+    """How much consecutive frames change, the copy-last-frame baseline, suspicious jumps (frames
+    out of order, cuts) and, for labeled data, the action alignment probe."""
+    out, ids = [], list(episodes)
+    picked = [ids[int(k)] for k in np.linspace(0, len(ids) - 1, min(CHECK_EPISODES, len(ids)))]
+    eps = [{"id": i, "frames": load_frames(os.path.join(root, i + ".npz")), **episodes[i]}
+           for i in dict.fromkeys(picked)]
+    change, mse = [], []  # per transition: mean |Δ| in 0…255, mean squared error of copying
+    for ep in eps:
+        d = np.diff(ep["frames"].astype(np.float32), axis=0)  # (T − 1, H, W, 3)
+        change.append(np.abs(d).mean((1, 2, 3)))
+        mse.append((d ** 2).mean((1, 2, 3)))
+    change, mse = np.concatenate(change), np.concatenate(mse)
+    if not len(change):
+        return [("warn", "every episode has 1 frame: nothing to predict.")]
+    psnr = 10 * np.log10(255 ** 2 / max(mse.mean(), 1e-10))
+    still = float((change == 0).mean())
+    out.append(("ok", f"consecutive frames: mean |change| {change.mean():.2f}/255, "
+                      f"{still:.0%} exact repeats; copy-last-frame baseline PSNR {psnr:.1f} dB "
+                      f"(the dynamics must beat this)"))
+    if still > 0.5:
+        out.append(("warn", f"{still:.0%} of consecutive frames are identical: duplicated frames "
+                            f"(extract at the video's real frame rate, e.g. ffmpeg -vf fps=10)."))
+    typical = np.median(change)
+    jumps = int((change > 8 * max(typical, 0.5)).sum())
+    if jumps > max(1, 0.02 * len(change)):
+        out.append(("warn", f"{jumps} of {len(change)} frame-to-frame changes are over 8× the "
+                            f"median: frames out of order or scene cuts inside episodes. Check "
+                            f"the frame order; split episodes at cuts."))
+    # Frame files sorted as text (frame_1, frame_10, frame_11, …, frame_2) leave a tell: put back
+    # in numeric order, the frames change less from one to the next.
+    stored = text = 0.0
+    for ep in (e for e in eps if len(e["frames"]) > 10):
+        as_text = sorted(range(len(ep["frames"])), key=str)  # position i holds frame as_text[i]
+        x = ep["frames"].astype(np.float32)
+        stored += np.abs(np.diff(x, axis=0)).mean()
+        text += np.abs(np.diff(x[np.argsort(as_text)], axis=0)).mean()
+    if stored > 0 and text < 0.8 * stored:
+        out.append(("warn", f"the frames look sorted as text (frame_10 before frame_2): put in "
+                            f"numeric order they change {1 - text / stored:.0%} less from one to "
+                            f"the next. Re-import with this data.py (it sorts numbers by value) "
+                            f"or name frames with zero padding (ffmpeg: %06d.png)."))
+    labeled = [e for e in eps if e["actions"] is not None]
+    if probe and labeled and meta["action_components"]:
+        gains = alignment_probe(labeled, meta["action_components"])
+        if gains:
+            text = ", ".join(f"a_(t{s:+d}) {g:.3f}".replace("t+0", "t") for s, g in gains.items())
+            out.append(("ok", f"action probe, nats the frame pair (t, t+1) tells about each "
+                              f"action row: {text} (a_t should win)"))
+            best = max(gains, key=gains.get)
+            if best != 0 and gains[best] > gains[0] + 0.02:
+                fix = ("each row holds the action that led TO its frame; shift the actions one "
+                       "row earlier" if best == 1 else
+                       "each row holds the next frame's action; shift the actions one row later")
+                out.append(("warn", f"the frames match the actions one row off (a_(t{best:+d}) "
+                                    f"explains frame t+1 best, not a_t): {fix} (data contract: "
+                                    f"row t = the action taken AT frame t)."))
+            elif max(gains.values()) < 0.01:
+                out.append(("warn", "the actions barely show in the frames at any alignment; "
+                                    "check that they belong to these episodes."))
+    return out
+
+
+def print_check(root: str, findings: list[tuple[str, str]]) -> int:
+    """Print the findings; returns the number of errors."""
+    marks = {"ok": "  ok  ", "warn": "  WARN", "error": "  ERROR"}
+    print(f"checking {root}")
+    for level, text in findings:  # wrapped to 100 columns, the continuation indented
+        print(textwrap.fill(text, 100, initial_indent=marks[level] + " ",
+                            subsequent_indent=" " * 8))
+    errors = sum(level == "error" for level, _ in findings)
+    warns = sum(level == "warn" for level, _ in findings)
+    print(f"{errors} error(s), {warns} warning(s)"
+          + ("" if errors else "; the stages can train on it"))
+    return errors
 
 
 def ensure_dataset(name_or_path: str) -> str:
@@ -574,6 +903,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.eval_random:  # environment.py --eval-random
         environment.run_eval_random(args.eval_episodes, args.seed, args.image_size,
                                     args.episode_len)
+    elif args.check:
+        if print_check(args.check, check_dataset(args.check, args.probe)):
+            raise SystemExit(1)
     elif args.from_frames:
         if not args.out:
             raise SystemExit("--from-frames needs --out data/NAME (the folder to write the "

@@ -496,7 +496,8 @@ def build_model(a: dict, latent_tokens: int, latent_dim: int,
 def load_dynamics(path: str = "runs/dynamics/ckpt.pt", device="cpu"):
     """The trained dynamics model for later stages (its EMA weights when the run kept them).
     Returns (model, checkpoint dict)."""
-    ckpt = common.load_checkpoint(path, "dynamics", "python dynamics.py")
+    how = common.command_for("dynamics.py", Args, PRESETS, os.path.dirname(path))  # writes it
+    ckpt = common.load_checkpoint(path, "dynamics", how)
     model = build_model(ckpt["args"], *ckpt["shapes"]["latent"], ckpt["shapes"]["action_classes"])
     model.load_state_dict(ckpt.get("ema") or ckpt["model"])
     return model.to(device), ckpt
@@ -555,7 +556,7 @@ def train(a: Args) -> dict:
     common.write_json(os.path.join(a.out, "args.json"), asdict(a))
     print("args:", json.dumps(asdict(a)))
     fwd = torch.compile(model) if a.compile else model
-    log = common.MetricsLog(a.out, a.steps, resume=a.resume)
+    log = common.MetricsLog(a.out, a.steps, resume=a.resume, start_step=step)
 
     def save(step):
         common.save_checkpoint(ckpt_path, {
@@ -653,10 +654,11 @@ def train(a: Args) -> dict:
         t0 = time.time()
         figures, rollouts = evaluate(model, tok, held, a, device)
         summary.update(figures)
+        gap = (f"{figures['action_shuffle_gap_db']:.2f} dB" if "action_shuffle_gap_db" in figures
+               else "does not apply (no actions)")  # never "nan" for a figure that cannot exist
         print(f"eval: rollout PSNR K={a.sample_k} {figures[f'psnr_k{a.sample_k}']:.2f} dB | "
               f"K={a.k_max} {figures[f'psnr_k{a.k_max}']:.2f} dB | repeat-last "
-              f"{figures['psnr_repeat_last']:.2f} dB | action-shuffle gap "
-              f"{figures.get('action_shuffle_gap_db', float('nan')):.2f} dB")
+              f"{figures['psnr_repeat_last']:.2f} dB | action-shuffle gap {gap}")
         # measuring instruments live in dynamics_eval.py; imported here so the method file never
         # depends on them at import time
         import dynamics_eval
@@ -733,4 +735,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, Args, PRESETS)  # Ctrl-C: a short message with the --resume command

@@ -434,7 +434,8 @@ def builtin_env(meta: dict) -> bool:
 
 def load_imagine(path: str = "runs/imagine/ckpt.pt", device="cpu"):
     """The imagination-trained agent: (model with the trained policy head, value head, ckpt)."""
-    ckpt = common.load_checkpoint(path, "imagine", "python imagine.py")
+    how = common.command_for("imagine.py", Args, PRESETS, os.path.dirname(path))  # writes it
+    ckpt = common.load_checkpoint(path, "imagine", how)
     model = ag.build_agent(ckpt["agent_args"], ckpt["dynamics_args"], ckpt["shapes"])
     model.load_state_dict(ckpt["model"])
     value = ag.MTPHead(model.agent_base.shape[0], ckpt["value_hidden"], model.bins.shape[0], 1)
@@ -463,9 +464,10 @@ def train(a: Args) -> dict:
     held = LatentCache(tok_dir, "heldout", seed=a.seed + 1)
     meta = dict(train_cache.meta, _root=train_cache.data_root)
     if list(meta["tasks"]) != list(agent_ckpt["shapes"]["tasks"]):
+        agent_dir = os.path.dirname(a.agent)
         raise ValueError(f"{a.agent} was trained on tasks {agent_ckpt['shapes']['tasks']}, the "
                          f"latent cache at {tok_dir} has {meta['tasks']}: retrain it with "
-                         f"`python agent.py`")
+                         f"`{common.command_for('agent.py', ag.Args, ag.PRESETS, agent_dir)}`")
     ctx_tau = agent_ckpt["args"]["ctx_tau"]  # the heads read h_t at the level they were trained on
     value_head, prior = build_heads(model, a.value_hidden)
     sampler = ContextSampler(train_cache, a.context, a.horizon, a.seed)
@@ -483,7 +485,8 @@ def train(a: Args) -> dict:
                             lr=a.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step, curve, center = 0, [], RewardCenter()
     if a.resume:
-        ckpt = common.load_checkpoint(ckpt_path, "imagine", f"python imagine.py --out {a.out}")
+        how = f"python imagine.py --preset {a.preset} --out {a.out}"  # the run that writes it
+        ckpt = common.load_checkpoint(ckpt_path, "imagine", how)
         model.load_state_dict(ckpt["model"])
         value_head.load_state_dict(ckpt["value"])
         prior.load_state_dict(ckpt["prior"])
@@ -597,4 +600,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, Args, PRESETS)  # Ctrl-C: a short message with the --resume command

@@ -282,10 +282,7 @@ def build_tokenizer(a: dict) -> Tokenizer:
 
 def load_tokenizer(path: str = "runs/tokenizer/ckpt.pt", device="cpu"):
     """Frozen, eval-mode tokenizer for the later stages. Returns (model, checkpoint dict)."""
-    run_dir = os.path.normpath(os.path.dirname(path))
-    preset = next((n for n, p in PRESETS.items() if os.path.normpath(p["out"]) == run_dir),
-                  "default")
-    how = f"python tokenizer.py --preset {preset} --out {run_dir}"  # the command that writes it
+    how = common.command_for("tokenizer.py", Args, PRESETS, os.path.dirname(path))  # writes it
     ckpt = common.load_checkpoint(path, "tokenizer", how)
     model = build_tokenizer(ckpt["args"])
     model.load_state_dict(ckpt["model"])
@@ -407,7 +404,9 @@ class LatentCache:
         self.data_root, self.split = index["data"], split
         self.episodes = index["splits"][split]
         if not self.episodes:
-            raise ValueError(f"the '{split}' split of {self.data_root} has no episodes")
+            raise ValueError(f"the '{split}' split of {self.data_root} has no episodes: a "
+                             f"dataset needs at least one training and one held-out episode; "
+                             f"`python data.py --check {self.data_root}` says what to fix")
 
         def load(name):  # a memory map of one array, or None if the dataset has no such labels
             file = os.path.join(cache_dir, f"{split}_{name}.npy")
@@ -420,6 +419,11 @@ class LatentCache:
 
     def _starts(self, T: int, relevant: bool):
         """Global start offsets of all windows of length T (`relevant`: those with a reward)."""
+        short = [ep["id"] for ep in self.episodes if ep["length"] < T]
+        if short and not relevant:  # said once per window length, not silently
+            print(f"note: {len(short)} of {len(self.episodes)} '{self.split}' episodes are shorter "
+                  f"than the {T}-frame windows and are left out (e.g. {short[0]}); "
+                  f"`python data.py --check {self.data_root}` lists them")
         starts = []
         for ep in self.episodes:
             first, length = ep["offset"], ep["length"]
@@ -654,4 +658,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, Args, PRESETS)  # Ctrl-C: a short message with the --resume command

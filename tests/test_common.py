@@ -441,6 +441,129 @@ def test_parse_args_records_the_flags_typed():
     assert common.parse_args(ToyArgs, TOY_PRESETS, ["--lr", "0.2"])._given == {"lr"}
 
 
+@pytest.mark.parametrize("flag, value, valid", [("--steps", "0", "≥ 1"), ("--steps", "-5", "≥ 1"),
+                                                ("--lr", "0", "> 0")])
+def test_parse_args_rejects_a_number_out_of_range_naming_the_range(capsys, flag, value, valid):
+    with pytest.raises(SystemExit) as exit_info:
+        common.parse_args(ToyArgs, TOY_PRESETS, [flag, value])
+    assert exit_info.value.code == 2  # argparse's status for a bad command line
+    error = capsys.readouterr().err
+    assert f"argument {flag}:" in error and f"it must be {valid}" in error
+
+
+@dataclass
+class ZeroArgs:
+    every: int = 5  # steps between evaluations; 0 = none
+    batch: int = 4  # sequences per batch
+
+
+def test_a_count_may_be_zero_only_when_its_help_says_what_zero_means():
+    assert common.parse_args(ZeroArgs, {}, ["--every", "0"]).every == 0
+    with pytest.raises(SystemExit):
+        common.parse_args(ZeroArgs, {}, ["--batch", "0"])
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "dynamics", "agent", "imagine", "data"])
+def test_every_preset_of_every_stage_is_in_range(stage):
+    module = __import__(stage)
+    for preset in ["default", *module.PRESETS]:
+        common.parse_args(module.Args, module.PRESETS, ["--preset", preset])
+
+
+def test_help_with_a_preset_shows_the_preset_values(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(ToyArgs, TOY_PRESETS, ["--preset", "smoke", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 5 with --preset smoke; 100 without)" in shown
+
+
+def test_help_without_a_preset_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(ToyArgs, TOY_PRESETS, ["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "training steps (default: 100)" in shown and "with --preset" not in shown
+
+
+# ---------------------------------------------------------------- plumbing: commands in messages
+
+@dataclass
+class StageArgs:
+    preset: str = "default"  # which preset
+    data: str = "data/big"  # dataset
+    out: str = "runs/stage"  # run folder
+    steps: int = 100  # training steps
+    dtype: str = "auto"  # compute dtype
+    resume: bool = False  # continue the run in --out
+
+
+STAGE_PRESETS = {"cpu": {"data": "data/small", "out": "runs/cpu/stage", "steps": 5}}
+
+
+def test_command_for_a_preset_run_folder_names_the_preset():
+    assert (common.command_for("stage.py", StageArgs, STAGE_PRESETS, "runs/cpu/stage")
+            == "python stage.py --preset cpu")
+
+
+def test_command_for_an_absolute_path_still_finds_the_preset():
+    run_dir = os.path.abspath("runs/cpu/stage")
+    assert common.command_for("stage.py", StageArgs, STAGE_PRESETS, run_dir).endswith("cpu")
+
+
+def test_command_for_a_run_folder_repeats_its_own_flags(tmp_path):
+    run_dir = str(tmp_path / "mine")
+    os.makedirs(run_dir)
+    recorded = {"preset": "cpu", "data": "data/mine", "out": run_dir, "steps": 5, "dtype": "fp32"}
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(recorded, f)
+    assert (common.command_for("stage.py", StageArgs, STAGE_PRESETS, run_dir)
+            == f"python stage.py --preset cpu --data data/mine --out {run_dir}")
+
+
+# ---------------------------------------------------------------- plumbing: Ctrl-C
+
+def interrupted(monkeypatch, capsys, argv: list[str], writes: str = "") -> tuple[int, str]:
+    """common.run_main on a main that writes a checkpoint at step 3 to `writes` (unless empty),
+    then is interrupted by Ctrl-C: (exit status, what it printed)."""
+    def main():
+        if writes:
+            common.save_checkpoint(writes, {"stage": "toy", "step": 3})
+        raise KeyboardInterrupt
+    monkeypatch.setattr("sys.argv", ["stage.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_main(main, StageArgs, STAGE_PRESETS)
+    return exit_info.value.code, capsys.readouterr().out
+
+
+def test_ctrl_c_after_a_checkpoint_gives_the_resume_command(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    code, said = interrupted(monkeypatch, capsys, ["--preset", "cpu", "--out", out],
+                             writes=os.path.join(out, "ckpt.pt"))
+    assert code == 130 and "(step 3)" in said
+    assert f"python stage.py --preset cpu --out {out} --resume" in said
+
+
+def test_ctrl_c_before_a_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch,
+                                                                    capsys):
+    code, said = interrupted(monkeypatch, capsys, ["--out", str(tmp_path / "run")])
+    assert code == 130 and "nothing to resume" in said and "--resume" not in said
+
+
+def test_ctrl_c_ignores_a_checkpoint_older_than_the_run(tmp_path, monkeypatch, capsys):
+    """A fresh run stopped before its first checkpoint must not offer an older run's."""
+    out = str(tmp_path / "run")
+    common.save_checkpoint(os.path.join(out, "ckpt.pt"), {"stage": "toy", "step": 3})
+    os.utime(os.path.join(out, "ckpt.pt"), (1, 1))  # written long before this run started
+    assert "nothing to resume" in interrupted(monkeypatch, capsys, ["--out", out])[1]
+
+
+def test_ctrl_c_of_a_resumed_run_offers_its_checkpoint_again(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    common.save_checkpoint(os.path.join(out, "ckpt.pt"), {"stage": "toy", "step": 3})
+    os.utime(os.path.join(out, "ckpt.pt"), (1, 1))
+    said = interrupted(monkeypatch, capsys, ["--out", out, "--resume"])[1]
+    assert f"python stage.py --out {out} --resume\n" in said  # --resume once
+
+
 # ---------------------------------------------------------------- plumbing: checkpoints
 
 @pytest.fixture
@@ -504,6 +627,25 @@ def test_metrics_log_appends_jsonl(tmp_path):
     log.log(2, {"loss": 0.25}, frames_per_step=64)
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [line["loss"] for line in lines] == [0.5, 0.25] and "frames_per_s" in lines[1]
+
+
+def test_metrics_log_after_resume_holds_each_step_once(tmp_path):
+    """An interrupted run logged step 4 after its last checkpoint (step 3); the resumed run logs
+    step 4 again: the log keeps one step 4."""
+    log = common.MetricsLog(str(tmp_path), total_steps=10)
+    for step in (2, 3, 4):
+        log.log(step, {"loss": 1.0})
+    log = common.MetricsLog(str(tmp_path), total_steps=10, resume=True, start_step=3)
+    log.log(4, {"loss": 0.5})
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [2, 3, 4]
+
+
+def test_metrics_log_after_resume_drops_a_line_cut_off_by_a_crash(tmp_path):
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write('{"step": 2, "loss": 1.0}\n{"step": 3, "lo')
+    common.MetricsLog(str(tmp_path), total_steps=10, resume=True, start_step=3)
+    assert open(tmp_path / "metrics.jsonl").read() == '{"step": 2, "loss": 1.0}\n'
 
 
 def test_metrics_log_prints_one_grepable_line(tmp_path, capsys):

@@ -411,6 +411,30 @@ def test_dataset_with_inferred_meta_loads(inferred):
     assert batch["actions"].shape == (2, 8, 4)
 
 
+def test_check_warns_that_inferred_classes_are_a_guess(inferred):
+    assert "guessed from the largest action seen" in findings(inferred, "warn")
+
+
+def test_check_accepts_classes_once_confirmed(inferred, tmp_path):
+    root = copy_of(inferred, tmp_path)
+    with open(os.path.join(root, "meta.json")) as f:
+        meta = json.load(f)
+    del meta["action_classes_inferred"]  # what the warning asks for, after checking the classes
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    assert "guessed" not in findings(root, "warn")
+
+
+def test_failed_generation_leaves_no_partial_folder(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the contractors' play
+    monkeypatch.setattr(environment, "rollout", crash)
+    out = str(tmp_path / "gen")
+    with pytest.raises(KeyboardInterrupt):
+        data.generate(parse_args(data.Args, data.PRESETS, ["--preset", "smoke", "--out", out]))
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- simulate_future
 
 EID, T0, H = "ep000001", 10, 12  # episode, the frame the plans start at, plan length
@@ -520,3 +544,152 @@ def test_resize_makes_mixed_sizes_agree(mixed_sizes, tmp_path):
     data.import_frames(str(mixed_sizes), str(tmp_path / "resized"), resize=16)
     episode = next(data.iter_episodes(str(tmp_path / "resized"), "all"))
     assert episode["frames"].shape == (6, 16, 16, 3)
+
+
+# ---------------------------------------------------------------- data.py --check and the import
+def findings(root: str, level: str, probe: bool = False) -> str:
+    """The messages of one level that `data.py --check` reports for root, joined."""
+    return "\n".join(t for lv, t in data.check_dataset(root, probe) if lv == level)
+
+
+def edit_meta(root: str, **fields) -> None:
+    with open(os.path.join(root, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump({**meta, **fields}, f)
+
+
+def rewrite_all(root: str, change) -> None:
+    """Rewrite every episode with change(dict of arrays) applied."""
+    for path in glob_npz(root):
+        with np.load(path) as z:
+            arrays = dict(z)
+        np.savez_compressed(path, **change(arrays))
+
+
+def glob_npz(root: str) -> list[str]:
+    return sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".npz"))
+
+
+def test_check_passes_the_smoke_dataset_with_the_probe(smoke):
+    result = data.check_dataset(smoke, probe=True)
+    assert [lv for lv, _ in result if lv != "ok"] == []
+
+
+def test_check_catches_actions_stored_one_frame_late(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rewrite_all(root, lambda a: {**a, "actions": np.roll(a["actions"], 1, 0)})  # row t: a_{t−1}
+    assert "one row earlier" in findings(root, "warn", probe=True)
+
+
+def test_check_catches_text_sorted_frames(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    order = sorted(range(64), key=str)  # 0, 1, 10, 11, …: the order of a text sort
+    rewrite_all(root, lambda a: {**a, "frames": a["frames"][order]})
+    assert "sorted as text" in findings(root, "warn")
+
+
+def test_check_flags_an_empty_heldout_split(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    meta = data.load_meta(root)
+    edit_meta(root, split={"train": meta["split"]["train"] + meta["split"]["heldout"],
+                           "heldout": []})
+    assert "split 'heldout' is empty" in findings(root, "error")
+
+
+def test_check_flags_declared_classes_that_never_occur(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    edit_meta(root, action_components=[["move", 17], ["use", 2], ["place", 2], ["craft", 2]])
+    assert "'move' declares 17 classes but only 5 occur" in findings(root, "warn")
+
+
+def test_check_flags_shaped_rewards(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rewrite_all(root, lambda a: {**a, "rewards": a["rewards"] - np.float32(0.01)})
+    assert "rewards are shaped" in findings(root, "warn")
+
+
+def test_check_flags_episodes_shorter_than_a_preset_window(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rewrite_all(root, lambda a: {k: v[:20] for k, v in a.items()})  # 20 < dynamics' 64 (default)
+    assert "--preset default (dynamics.py --seq-len-long 64)" in findings(root, "warn")
+
+
+def test_check_reports_a_bad_episode_as_an_error(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rewrite_all(root, lambda a: {**a, "actions": a["actions"].astype(np.int32)})
+    assert "actions must be int64" in findings(root, "error")
+
+
+def test_check_command_fails_on_errors(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    edit_meta(root, split={"train": ["ep000000"], "heldout": []})
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stdout(io.StringIO()):
+        data.main(["--check", root, "--no-probe"])
+    assert stop.value.code == 1
+
+
+def test_action_components_as_objects_load(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    edit_meta(root, action_components=[{"name": "move", "classes": 5},
+                                       {"name": "use", "classes": 2},
+                                       {"name": "place", "classes": 2},
+                                       {"name": "craft", "classes": 2}])
+    assert data.load_meta(root)["action_components"] == environment.ACTION_COMPONENTS
+
+
+def test_unknown_action_components_form_shows_the_expected_one(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    edit_meta(root, action_components=["move", "use"])
+    with pytest.raises(ValueError, match=r'expected "action_components": \[\["move", 5\]'):
+        data.load_meta(root)
+
+
+def test_split_ids_may_carry_the_npz_extension(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    meta = data.load_meta(root)
+    edit_meta(root, split={k: [i + ".npz" for i in v] for k, v in meta["split"].items()})
+    assert data.SequenceDataset(root, "heldout", seq_len=8).ids == meta["split"]["heldout"]
+
+
+def test_missing_episode_advice_is_not_to_delete_it(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    gone = data.load_meta(root)["split"]["heldout"][0]
+    os.remove(os.path.join(root, gone + ".npz"))
+    with pytest.raises(FileNotFoundError, match="remove .* from split in meta.json") as err:
+        data.SequenceDataset(root, "heldout", seq_len=8)
+    assert "delete" not in str(err.value)
+
+
+def save_numbered_frames(folder, frames: np.ndarray) -> None:
+    """frame_1.png … frame_N.png, numbered as ffmpeg's %d.png writes them (no zero padding)."""
+    os.makedirs(folder)
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"frame_{t + 1}.png")
+
+
+def test_import_sorts_frame_numbers_by_value(clips, tmp_path):
+    frames = environment.rollout(environment.RandomPolicy(0), [3, 4], 32, 12)["frames"]
+    for e in range(2):
+        save_numbered_frames(tmp_path / "videos" / f"ep{e}", frames[e])
+    with contextlib.redirect_stdout(io.StringIO()):
+        data.import_frames(str(tmp_path / "videos"), str(tmp_path / "mine"))
+    first = next(data.iter_episodes(str(tmp_path / "mine"), "all"))
+    np.testing.assert_array_equal(first["frames"], frames[0])
+
+
+def test_import_of_a_missing_folder_says_it_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.import_frames(str(tmp_path / "nowhere"), str(tmp_path / "mine"))
+
+
+def test_import_of_empty_episode_folders_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / "videos" / "ep0")
+    with pytest.raises(FileNotFoundError, match="no images"), pytest.warns(UserWarning):
+        data.import_frames(str(tmp_path / "videos"), str(tmp_path / "mine"))
+
+
+def test_failed_import_leaves_no_partial_folder(mixed_sizes, tmp_path):
+    with pytest.raises(ValueError):
+        data.import_frames(str(mixed_sizes), str(tmp_path / "mixed"))
+    assert not os.path.exists(tmp_path / "mixed.partial")
