@@ -584,11 +584,10 @@ def train(a: Args) -> dict:
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac)
-        fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
-
         if a.ctx_stream:  # the history stream: every frame at τ_ctx, tagged d_min
             fb["history"] = corrupt(torch.randn(fb["clean"].shape, generator=gen, device=device),
                                     fb["clean"], tau_ctx)  # (B, T, N_z, C_z)
+        fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
             prev, valid, ind = row_select(fb, rows)

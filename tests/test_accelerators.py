@@ -3,7 +3,6 @@ fallback, the fused soft-capped attention against the explicit form, and gpu_che
 """
 
 import json
-import os
 
 import pytest
 import torch
