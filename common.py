@@ -409,9 +409,10 @@ POSITIVE, NON_NEGATIVE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, "≥ 0")
 AT_LEAST_ONE = (lambda v: v >= 1, "≥ 1")
 FRACTION, SIGNAL = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 < v <= 1, "in (0, 1]")
 FLAG_RANGES = {
-    **dict.fromkeys(("lr", "value_lr", "grad_clip", "mlp_ratio", "space_rope_base"), POSITIVE),
+    **dict.fromkeys(("lr", "value_lr", "grad_clip", "mlp_ratio"), POSITIVE),
+    # space_rope_base: 0 = no space RoPE in dynamics.py (the tokenizer's default is 10)
     **dict.fromkeys(("weight_decay", "lpips_weight", "boot_clip", "beta", "soft_cap", "warmup",
-                     "seed", "stop_at", "resize"), NON_NEGATIVE),
+                     "seed", "stop_at", "resize", "space_rope_base"), NON_NEGATIVE),
     **dict.fromkeys(("mae_max", "flow_frac", "start_frac", "relevant_frac", "long_only_frac",
                      "lam", "alpha"), FRACTION),
     **dict.fromkeys(("ctx_tau", "gamma"), SIGNAL),
