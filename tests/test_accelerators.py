@@ -131,14 +131,21 @@ def test_gpu_check_smoke_writes_every_figure_of_its_json(tmp_path):
     run("gpu_check.py", "--preset", "smoke", "--out", out)
     with open(out) as f:
         r = json.load(f)
-    for stage in ("tokenizer", "dynamics"):
+    for part in (r["tokenizer"], r["dynamics"], r["dynamics"]["short"], r["dynamics"]["long"],
+                 r["agent"]):
         for key in ("steps_per_s", "frames_per_s", "mfu", "peak_mem_gb", "flops_per_step"):
-            assert r[stage][key] > 0, (stage, key)
-    assert r["dynamics"]["extrapolated_wall_min_steps_10000"] == pytest.approx(
-        10000 / r["dynamics"]["steps_per_s"] / 60)
+            assert part[key] > 0, key
+    dyn = r["dynamics"]
+    assert 0 < dyn["long_steps_of_10000"] < 10000
+    assert dyn["extrapolated_wall_min_steps_10000"] == pytest.approx(
+        10000 / dyn["steps_per_s"] / 60)
     g = r["generation"]
     assert g["gen_k"] == 4 and g["gen_fps_batch1"] > 0 and g["gen_largest_batch"] == 4
-    assert r["fused_attention_max_abs_diff"] < 1e-4
+    assert r["attention"]["fused_max_abs_diff"] < 1e-4
+    assert r["attention"]["dynamics_short_steps_per_s_explicit"] > 0
+    assert set(r["targets"]) == {"dynamics_10k_wall_min", "peak_mem_gb", "gen_fps_batch1",
+                                 "dynamics_mfu"}
+    assert r["fused_attention_on"] is False  # a CPU: the explicit form
 
 
 def test_the_flop_counted_step_runs_the_explicit_attention(monkeypatch):
