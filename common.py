@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -547,6 +548,18 @@ def init_distributed(device: str = "auto") -> int:
         builtins.print = print_on_rank0_only
     print(f"data parallel: {world_size()} ranks ({dist.get_backend()} backend)")
     return world_size()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first, the other ranks after it has finished: for a step that
+    writes files the ranks then read (generating a missing dataset), which G ranks at once would
+    write over one another. A plain block in a single process."""
+    if not is_main():
+        dist.barrier()  # wait for rank 0's pass through the block
+    yield
+    if is_main() and world_size() > 1:
+        dist.barrier()  # rank 0 is done: release the others
 
 
 def single_process_only(stage: str) -> None:
