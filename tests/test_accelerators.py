@@ -38,6 +38,14 @@ def test_pick_device_on_a_mac_without_mps_runs_on_cpu(monkeypatch):
     assert common.pick_device("mps", "fp32").type == "cpu"
 
 
+def test_torchrun_on_mps_stops_with_a_message(monkeypatch):
+    """A Mac has one GPU, and gloo cannot all-reduce mps tensors: say so before any work."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    with pytest.raises(SystemExit, match="torchrun on mps"):
+        common.pick_device("mps", "fp32")
+
+
 def test_bf16_asked_for_where_the_probe_could_not_multiply_bf16_gives_fp32(capsys):
     """mps before macOS 14 has no bf16 matmul: the probe records peak 0 and fp32 is used."""
     assert common.choose_dtype("bf16", "mps", {"fp32": 1e12, "bf16": 0.0}) == "fp32"
