@@ -499,7 +499,7 @@ def seed_everything(seed: int) -> None:
 #
 # How a step is split (a choice, so that G ranks × B/G rows equal 1 rank × B rows): every rank
 # draws the whole global batch's random choices from the same (seed, step) streams as a single
-# process, then keeps its own B/G rows (shard). So each rank's data stream is a fixed slice of
+# process, then keeps every G-th row (shard). So each rank's data stream is a fixed slice of
 # the single-process stream: the N-rank run follows the 1-rank run step for step (up to the
 # order of float sums), --resume needs nothing new (even with another number of ranks), and the
 # price is that every rank gathers the global batch's rows (cheap next to the model at these
