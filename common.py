@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -551,7 +552,7 @@ def seed_everything(seed: int) -> None:
 #
 # How a step is split (a choice, so that G ranks × B/G rows equal 1 rank × B rows): every rank
 # draws the whole global batch's random choices from the same (seed, step) streams as a single
-# process, then keeps its own B/G rows (shard). So each rank's data stream is a fixed slice of
+# process, then keeps every G-th row (shard). So each rank's data stream is a fixed slice of
 # the single-process stream: the N-rank run follows the 1-rank run step for step (up to the
 # order of float sums), --resume needs nothing new (even with another number of ranks), and the
 # price is that every rank gathers the global batch's rows (cheap next to the model at these
@@ -600,6 +601,18 @@ def init_distributed(device: str = "auto") -> int:
         builtins.print = print_on_rank0_only
     print(f"data parallel: {world_size()} ranks ({dist.get_backend()} backend)")
     return world_size()
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first, the other ranks after it has finished: for a step that
+    writes files the ranks then read (generating a missing dataset), which G ranks at once would
+    write over one another. A plain block in a single process."""
+    if not is_main():
+        dist.barrier()  # wait for rank 0's pass through the block
+    yield
+    if is_main() and world_size() > 1:
+        dist.barrier()  # rank 0 is done: release the others
 
 
 def single_process_only(stage: str) -> None:

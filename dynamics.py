@@ -515,7 +515,8 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 def train(a: Args) -> dict:
     common.init_distributed(a.device)  # under torchrun: one of several data-parallel ranks
-    common.check_batch("--batch", a.batch), common.check_batch("--batch-long", a.batch_long)
+    common.check_batch("--batch", a.batch)  # global batches, split over the ranks
+    common.check_batch("--batch-long", a.batch_long)
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)

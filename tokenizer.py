@@ -524,7 +524,8 @@ def train(a: Args) -> dict:
     os.makedirs(a.out, exist_ok=True)
     ckpt_path = os.path.join(a.out, "ckpt.pt")
 
-    a.data = data.ensure_dataset(a.data)  # generates a missing built-in dataset
+    with common.rank0_first():  # under torchrun one rank generates, the others wait
+        a.data = data.ensure_dataset(a.data)  # generates a missing built-in dataset
     size = data.load_meta(a.data)["image_size"]
     if size != a.image_size:
         want = f"{a.image_size}×{a.image_size}"

@@ -37,6 +37,14 @@ def test_pick_device_on_a_mac_without_mps_runs_on_cpu(monkeypatch):
     assert common.pick_device("mps", "fp32").type == "cpu"
 
 
+def test_torchrun_on_mps_stops_with_a_message(monkeypatch):
+    """A Mac has one GPU, and gloo cannot all-reduce mps tensors: say so before any work."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    with pytest.raises(SystemExit, match="torchrun on mps"):
+        common.pick_device("mps", "fp32")
+
+
 def test_bf16_asked_for_where_the_probe_could_not_multiply_bf16_gives_fp32(capsys):
     """mps before macOS 14 has no bf16 matmul: the probe records peak 0 and fp32 is used."""
     assert common.choose_dtype("bf16", "mps", {"fp32": 1e12, "bf16": 0.0}) == "fp32"
@@ -130,14 +138,21 @@ def test_gpu_check_smoke_writes_every_figure_of_its_json(tmp_path):
     run("gpu_check.py", "--preset", "smoke", "--out", out)
     with open(out) as f:
         r = json.load(f)
-    for stage in ("tokenizer", "dynamics"):
+    for part in (r["tokenizer"], r["dynamics"], r["dynamics"]["short"], r["dynamics"]["long"],
+                 r["agent"]):
         for key in ("steps_per_s", "frames_per_s", "mfu", "peak_mem_gb", "flops_per_step"):
-            assert r[stage][key] > 0, (stage, key)
-    assert r["dynamics"]["extrapolated_wall_min_steps_10000"] == pytest.approx(
-        10000 / r["dynamics"]["steps_per_s"] / 60)
+            assert part[key] > 0, key
+    dyn = r["dynamics"]
+    assert 0 < dyn["long_steps_of_10000"] < 10000
+    assert dyn["extrapolated_wall_min_steps_10000"] == pytest.approx(
+        10000 / dyn["steps_per_s"] / 60)
     g = r["generation"]
     assert g["gen_k"] == 4 and g["gen_fps_batch1"] > 0 and g["gen_largest_batch"] == 4
-    assert r["fused_attention_max_abs_diff"] < 1e-4
+    assert r["attention"]["fused_max_abs_diff"] < 1e-4
+    assert r["attention"]["dynamics_short_steps_per_s_explicit"] > 0
+    assert set(r["targets"]) == {"dynamics_10k_wall_min", "peak_mem_gb", "gen_fps_batch1",
+                                 "dynamics_mfu"}
+    assert r["fused_attention_on"] is False  # a CPU: the explicit form
 
 
 def test_the_flop_counted_step_runs_the_explicit_attention(monkeypatch):

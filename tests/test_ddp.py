@@ -154,3 +154,16 @@ def test_imagine_refuses_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="imagine.py runs in one process"):
         common.single_process_only("imagine.py")
+
+
+def test_rank0_first_runs_the_block_on_rank_0_before_the_others(monkeypatch):
+    """The two ranks' passes through `with rank0_first()`, as each sees them: rank 0 runs the
+    block, then meets rank 1 at the barrier; rank 1 waits there first, then runs it."""
+    events = []
+    monkeypatch.setattr(common.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(common, "world_size", lambda: 2)
+    for r in (0, 1):
+        monkeypatch.setattr(common, "rank", lambda: r)
+        with common.rank0_first():
+            events.append(f"block on rank {r}")
+    assert events == ["block on rank 0", "barrier", "barrier", "block on rank 1"]
