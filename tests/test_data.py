@@ -582,6 +582,19 @@ def test_check_catches_actions_stored_one_frame_late(smoke, tmp_path):
     assert "one row earlier" in findings(root, "warn", probe=True)
 
 
+def test_check_catches_actions_stored_one_frame_early(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rewrite_all(root, lambda a: {**a, "actions": np.roll(a["actions"], -1, 0)})  # row t: a_{t+1}
+    assert "one row later" in findings(root, "warn", probe=True)
+
+
+def test_check_catches_actions_of_other_frames(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rng = np.random.default_rng(0)
+    rewrite_all(root, lambda a: {**a, "actions": rng.permutation(a["actions"])})  # shuffled rows
+    assert "do not show in the next frame" in findings(root, "warn", probe=True)
+
+
 def test_check_catches_text_sorted_frames(smoke, tmp_path):
     root = copy_of(smoke, tmp_path)
     order = sorted(range(64), key=str)  # 0, 1, 10, 11, …: the order of a text sort
