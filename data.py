@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+import common
 import environment
 from common import parse_args, seed_everything
 
@@ -305,16 +306,28 @@ def _import_into(src: str, folders: list[str], tmp: str, resize: int, fps: int, 
 
 
 # ==== Reading a dataset: validation, meta.json, the window sampler ============================
-REGENERATE = ("Fix the file (data contract: `python data.py --help`); a built-in dataset "
-              "(diamond64, diamond32, smoke) is remade by deleting its folder and running "
-              "`python data.py` with its --preset.")
+REGENERATE = ("Write this episode again in the data contract's format (`python data.py --help`), "
+              "or take its id out of the \"split\" lists of meta.json; then `python data.py "
+              "--check {}` lists what remains.")
 HOW_TO_MAKE = ("Generate the built-in dataset with `python data.py`, or import images with "
                "`python data.py --from-frames DIR --out {}`.")
 
 
 def _bad(path: str, problem: str, error=ValueError) -> Exception:
-    """The error for a bad file: names the file and says how to fix it."""
-    return error(f"{path}: {problem} {REGENERATE}")
+    """The error for a bad file: names the file and says how to fix it. A dataset that `generate`
+    wrote gets the exact command that writes it again (the advice must not go in a circle:
+    deleting one episode only trades this error for "listed in meta.json but missing")."""
+    root = os.path.dirname(path)
+    try:
+        with open(os.path.join(root, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("generator") == GENERATOR and isinstance(meta.get("args"), dict):
+        how = common.command_for("data.py", Args, PRESETS, root, recorded=meta["args"])
+        return error(f"{path}: {problem} This dataset was written by data.py: delete the folder "
+                     f"{root} and write it again with `{how}`.")
+    return error(f"{path}: {problem} {REGENERATE.format(root)}")
 
 
 def _read_episode(path: str) -> tuple:
