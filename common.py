@@ -886,14 +886,14 @@ def _same_path(x: str, y: str) -> bool:
     return os.path.abspath(x) == os.path.abspath(y)
 
 
-def command_for(script: str, cls, presets: dict, run_dir: str) -> str:
+def command_for(script: str, cls, presets: dict, run_dir: str, recorded: dict | None = None) -> str:
     """The command that (re)writes the run folder `run_dir` of `script` (e.g. "tokenizer.py"),
     with the run's own flags: its preset and the values that differ from that preset, read from
-    run_dir/args.json; without one, the preset whose run folder run_dir is. --out unless it is the
-    preset's own run folder. Error messages suggest it, so it must work as written."""
+    `recorded` or run_dir/args.json; without either, the preset whose run folder run_dir is. --out
+    unless it is the preset's own run folder. Error messages suggest it: it must work as written."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    recorded = {}
-    if os.path.exists(os.path.join(run_dir, "args.json")):
+    recorded = recorded or {}
+    if not recorded and os.path.exists(os.path.join(run_dir, "args.json")):
         with open(os.path.join(run_dir, "args.json")) as f:
             recorded = json.load(f)
     preset = recorded.get("preset") or next(

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+import common
 import environment
 from common import parse_args, seed_everything
 
@@ -305,16 +306,28 @@ def _import_into(src: str, folders: list[str], tmp: str, resize: int, fps: int, 
 
 
 # ==== Reading a dataset: validation, meta.json, the window sampler ============================
-REGENERATE = ("Fix the file (data contract: `python data.py --help`); a built-in dataset "
-              "(diamond64, diamond32, smoke) is remade by deleting its folder and running "
-              "`python data.py` with its --preset.")
+REGENERATE = ("Write this episode again in the data contract's format (`python data.py --help`), "
+              "or take its id out of the \"split\" lists of meta.json; then `python data.py "
+              "--check {}` lists what remains.")
 HOW_TO_MAKE = ("Generate the built-in dataset with `python data.py`, or import images with "
                "`python data.py --from-frames DIR --out {}`.")
 
 
 def _bad(path: str, problem: str, error=ValueError) -> Exception:
-    """The error for a bad file: names the file and says how to fix it."""
-    return error(f"{path}: {problem} {REGENERATE}")
+    """The error for a bad file: names the file and says how to fix it. A dataset that `generate`
+    wrote gets the exact command that writes it again (the advice must not go in a circle:
+    deleting one episode only trades this error for "listed in meta.json but missing")."""
+    root = os.path.dirname(path)
+    try:
+        with open(os.path.join(root, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("generator") == GENERATOR and isinstance(meta.get("args"), dict):
+        how = common.command_for("data.py", Args, PRESETS, root, recorded=meta["args"])
+        return error(f"{path}: {problem} This dataset was written by data.py: delete the folder "
+                     f"{root} and write it again with `{how}`.")
+    return error(f"{path}: {problem} {REGENERATE.format(root)}")
 
 
 def _read_episode(path: str) -> tuple:
@@ -583,7 +596,8 @@ class SequenceDataset:
 # `python data.py --check DIR` and every --from-frames import run `check_dataset`: one finding per
 # problem, each naming the fix. Errors stop training; warnings are mistakes that train silently.
 CHECK_EPISODES = 64  # episodes the quality controls look at (evenly spaced): seconds, not minutes
-PROBE_STEPS = 150  # Adam steps of the alignment probe per shift (≈ 1 s each on one core)
+PROBE_STEPS = 300  # Adam steps of the alignment probe's one net (≈ 5 s on one core)
+PROBE_TRANSITIONS = 4096  # transitions the probe sees at most (evenly spaced): bounded memory
 
 
 def preset_windows() -> dict[str, dict[str, int]]:
@@ -604,64 +618,84 @@ def preset_windows() -> dict[str, dict[str, int]]:
     return windows
 
 
-def _probe_features(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T − 1, 9, S, S) float32: frame t, frame t+1 and their difference,
-    average-pooled to at most 32×32 pixels (the probe sees what changed, and where)."""
+def _pooled(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, 3, S, S) float32 in [0, 1], average-pooled to at most 32×32
+    pixels: the probe needs what moved and where, not the fine detail."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
-    if x.shape[-1] > 32:
-        x = torch.nn.functional.adaptive_avg_pool2d(x, 32)
-    return torch.cat([x[:-1], x[1:], x[1:] - x[:-1]], 1).numpy()
+    return torch.nn.functional.adaptive_avg_pool2d(x, 32) if x.shape[-1] > 32 else x
 
 
-def alignment_probe(episodes: list[dict], components: list, seed: int = 0) -> dict[int, float]:
-    """How well a tiny conv net recognises an action row from the frame pair (t, t+1), for the
-    action rows a_{t−1}, a_t and a_{t+1}: shift -> held-out information in nats per transition
-    (cross-entropy of the class frequencies minus the net's, summed over action components).
-    Under the data contract a_t leads to frame t+1, so shift 0 must carry the most; a clear win
-    of ±1 means the actions are stored one frame off. Held out: every other episode (or the last
-    third of a single episode)."""
-    xs, ys, held = [], [], []
+def _probe_input(now: torch.Tensor, after: torch.Tensor, blind: bool) -> torch.Tensor:
+    """(B, 3, S, S) frames t and t+1 -> (B, 10, S, S): frame t, frame t+1, their difference and a
+    flag plane. blind: frame t+1 replaced by frame t and the flag set, so that one net learns both
+    what frame t alone tells about an action and what the pair tells."""
+    if blind:
+        after = now
+    flag = torch.full_like(now[:, :1], float(blind))
+    return torch.cat([now, after, after - now, flag], 1)
+
+
+def alignment_probe(episodes: list[dict], components: list, seed: int = 0) -> dict[int, np.ndarray]:
+    """What frame t+1 tells about an action row beyond what frame t tells, for the rows a_{t−1},
+    a_t and a_{t+1} of each transition t → t+1: shift (−1, 0, 1) -> one value per held-out
+    transition, the cross-entropy of a tiny conv net given frame t only minus that of the same net
+    given frames t and t+1 (nats, summed over the action components).
+
+    Why beyond frame t: a game's frame often shows the previous action (where the player faces),
+    and a scripted player's next action follows from the next frame, so rows t−1 and t+1 can be
+    read off a frame pair too; only the action that leads to frame t+1 shows in frame t+1 and not
+    already in frame t. Under the data contract that is row t, so shift 0 must win; ±1 winning
+    means the actions are stored one frame off, nothing winning that they do not belong to the
+    frames. Held out: every other episode (the last third of a single episode)."""
+    pairs, ys, held, frames = [], [], [], []  # pairs: (episode, t) of each transition
     for i, ep in enumerate(episodes):
         T = len(ep["frames"])
-        if T < 4:
-            continue
         t = np.arange(1, T - 2)  # transitions t → t+1 whose a_{t−1} and a_{t+1} exist
-        xs.append(_probe_features(ep["frames"])[t])  # (n, 9, S, S)
+        frames.append(_pooled(ep["frames"]))  # (T, 3, S, S)
+        pairs += [(i, int(u)) for u in t]
         ys.append(np.stack([ep["actions"][t + s] for s in (-1, 0, 1)]))  # (3, n, A)
         held.append(np.full(len(t), i % 2 == 1) if len(episodes) > 1
                     else np.arange(len(t)) >= 2 * len(t) // 3)
-    if not xs:
+    if not pairs:
         return {}
-    x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys, 1))
-    test = torch.from_numpy(np.concatenate(held))
-    gains = {}
-    for k, shift in enumerate((-1, 0, 1)):
-        torch.manual_seed(seed)  # the same net and batches for every shift: a fair comparison
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(9, 16, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
-            torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),  # where it happened does not matter
-            torch.nn.Linear(32, sum(n for _, n in components)))
-        opt = torch.optim.Adam(net.parameters(), 3e-3)
-        train_rows = torch.nonzero(~test).squeeze(1)
+    keep = np.unique(np.linspace(0, len(pairs) - 1, min(PROBE_TRANSITIONS, len(pairs))).astype(int))
+    y = torch.from_numpy(np.concatenate(ys, 1)[:, keep])  # (3, N, A)
+    test = torch.from_numpy(np.concatenate(held)[keep])  # (N,) bool
+    pairs = [pairs[j] for j in keep]
+    sizes = [n for _, n in components]
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(  # strided: ≈ 5 s for the smoke data on one core
+        torch.nn.Conv2d(10, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(),  # where it happened does not matter
+        torch.nn.Linear(32, 3 * sum(sizes)))  # one head per shift: the same features for all
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
 
-        def nll(rows: torch.Tensor) -> torch.Tensor:  # summed over components, mean over rows
-            logits = net(x[rows]).split([n for _, n in components], -1)
-            return sum(torch.nn.functional.cross_entropy(lg, y[k, rows, j])
-                       for j, lg in enumerate(logits))
-        for _ in range(PROBE_STEPS):
-            batch = train_rows[torch.randint(len(train_rows), (64,))]
-            opt.zero_grad()
-            nll(batch).backward()
-            opt.step()
-        with torch.no_grad():
-            rows = torch.nonzero(test).squeeze(1)
-            prior = 0.0  # cross-entropy of the training class frequencies on the held-out rows
-            for j, (_, n) in enumerate(components):
-                freq = (torch.bincount(y[k, train_rows, j], minlength=n).float() + 1)
-                prior -= torch.log(freq / freq.sum())[y[k, rows, j]].mean().item()
-            gains[shift] = prior - nll(rows).item()
-    return gains
+    def nll(rows: torch.Tensor, blind: bool) -> torch.Tensor:  # (3, len(rows)) per shift and row
+        now = torch.stack([frames[pairs[r][0]][pairs[r][1]] for r in rows.tolist()])
+        after = torch.stack([frames[pairs[r][0]][pairs[r][1] + 1] for r in rows.tolist()])
+        logits = net(_probe_input(now, after, blind)).reshape(len(rows), 3, sum(sizes))
+        return torch.stack([sum(torch.nn.functional.cross_entropy(lg, y[k, rows, j],
+                                                                  reduction="none")
+                                for j, lg in enumerate(logits[:, k].split(sizes, -1)))
+                            for k in range(3)])
+    train_rows = torch.nonzero(~test).squeeze(1)
+    for _ in range(PROBE_STEPS):
+        batch = train_rows[torch.randint(len(train_rows), (64,))]
+        opt.zero_grad()
+        (nll(batch, blind=False).mean() + nll(batch, blind=True).mean()).backward()
+        opt.step()
+    with torch.no_grad():
+        rows = torch.nonzero(test).squeeze(1)
+        told = torch.cat([nll(c, blind=True) - nll(c, blind=False) for c in rows.split(512)], 1)
+    return {shift: told[k].numpy() for k, shift in enumerate((-1, 0, 1))}
+
+
+def _beats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether per-transition values a exceed b on the same transitions by more than 3 standard
+    errors of the mean difference (the probe's noise: shuffled actions stay well inside it)."""
+    d = a - b
+    return len(d) > 1 and d.mean() > 3 * d.std(ddof=1) / np.sqrt(len(d))
 
 
 def check_dataset(root: str, probe: bool = True) -> list[tuple[str, str]]:
@@ -803,22 +837,26 @@ def _check_quality(root: str, meta: dict, episodes: dict, probe: bool) -> list[t
                             f"or name frames with zero padding (ffmpeg: %06d.png)."))
     labeled = [e for e in eps if e["actions"] is not None]
     if probe and labeled and meta["action_components"]:
-        gains = alignment_probe(labeled, meta["action_components"])
-        if gains:
-            text = ", ".join(f"a_(t{s:+d}) {g:.3f}".replace("t+0", "t") for s, g in gains.items())
-            out.append(("ok", f"action probe, nats the frame pair (t, t+1) tells about each "
-                              f"action row: {text} (a_t should win)"))
-            best = max(gains, key=gains.get)
-            if best != 0 and gains[best] > gains[0] + 0.02:
-                fix = ("each row holds the action that led TO its frame; shift the actions one "
-                       "row earlier" if best == 1 else
-                       "each row holds the next frame's action; shift the actions one row later")
-                out.append(("warn", f"the frames match the actions one row off (a_(t{best:+d}) "
-                                    f"explains frame t+1 best, not a_t): {fix} (data contract: "
-                                    f"row t = the action taken AT frame t)."))
-            elif max(gains.values()) < 0.01:
-                out.append(("warn", "the actions barely show in the frames at any alignment; "
-                                    "check that they belong to these episodes."))
+        told = alignment_probe(labeled, meta["action_components"])
+        if told:
+            text = ", ".join(f"a_(t{s:+d}) {v.mean():.3f}".replace("t+0", "t")
+                             for s, v in told.items())
+            out.append(("ok", f"action probe, nats that frame t+1 tells about each action row "
+                              f"beyond frame t (held-out episodes): {text} (row t must win)"))
+            best = max((-1, 1), key=lambda s: told[s].mean())
+            if _beats(told[best], told[0]):
+                fix = ("row t holds the action that led TO frame t: move every row one row "
+                       "earlier, actions = np.concatenate([actions[1:], actions[-1:]])"
+                       if best == 1 else
+                       "row t holds the action taken at frame t+1: move every row one row "
+                       "later, actions = np.concatenate([actions[:1], actions[:-1]])")
+                out.append(("warn", f"the actions are stored one frame off: a_(t{best:+d}), not "
+                                    f"a_t, shows in frame t+1. {fix}, in every episode (data "
+                                    f"contract: row t = the action taken AT frame t)."))
+            elif not _beats(told[0], 0 * told[0]):
+                out.append(("warn", "the actions do not show in the next frame at any alignment "
+                                    "(the probe's figures are noise): check that each "
+                                    "episode's actions belong to its frames."))
     return out
 
 

@@ -337,6 +337,34 @@ def test_missing_listed_episode_is_named(smoke, tmp_path):
         data.SequenceDataset(root, "heldout", seq_len=8)
 
 
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_corrupt_generated_episode_names_the_command_that_writes_the_dataset(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    truncate(os.path.join(root, data.load_meta(root)["split"]["train"][1] + ".npz"))
+    with pytest.raises(ValueError, match=f"`python data.py --preset smoke --out {root}`"):
+        data.SequenceDataset(root, "train", seq_len=8)
+
+
+def test_corrupt_episode_of_your_own_data_has_advice_that_leads_out(smoke, tmp_path):
+    """Your own data cannot be regenerated: the advice takes the episode out of the split, and
+    following it the dataset loads (deleting the file would only bring "listed but missing")."""
+    root = copy_of(smoke, tmp_path)
+    meta = data.load_meta(root)
+    victim = meta["split"]["train"][1]
+    edit_meta(root, generator="my recorder")
+    truncate(os.path.join(root, victim + ".npz"))
+    with pytest.raises(ValueError, match="take its id out of the \"split\" lists") as err:
+        data.SequenceDataset(root, "train", seq_len=8)
+    assert f"`python data.py --check {root}`" in str(err.value)
+    edit_meta(root, split={"train": [i for i in meta["split"]["train"] if i != victim],
+                           "heldout": meta["split"]["heldout"]})
+    assert victim not in data.SequenceDataset(root, "train", seq_len=8).ids
+
+
 def test_ensure_dataset_refuses_a_missing_custom_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.ensure_dataset(str(tmp_path / "nowhere"))
@@ -580,6 +608,19 @@ def test_check_catches_actions_stored_one_frame_late(smoke, tmp_path):
     root = copy_of(smoke, tmp_path)
     rewrite_all(root, lambda a: {**a, "actions": np.roll(a["actions"], 1, 0)})  # row t: a_{t−1}
     assert "one row earlier" in findings(root, "warn", probe=True)
+
+
+def test_check_catches_actions_stored_one_frame_early(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rewrite_all(root, lambda a: {**a, "actions": np.roll(a["actions"], -1, 0)})  # row t: a_{t+1}
+    assert "one row later" in findings(root, "warn", probe=True)
+
+
+def test_check_catches_actions_of_other_frames(smoke, tmp_path):
+    root = copy_of(smoke, tmp_path)
+    rng = np.random.default_rng(0)
+    rewrite_all(root, lambda a: {**a, "actions": rng.permutation(a["actions"])})  # shuffled rows
+    assert "do not show in the next frame" in findings(root, "warn", probe=True)
 
 
 def test_check_catches_text_sorted_frames(smoke, tmp_path):
