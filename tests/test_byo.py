@@ -1,5 +1,5 @@
 """Bring your own video, end to end: a dataset recorded from a gymnasium-style environment by the
-README's recipe, and one imported from ffmpeg-named frames, each passes `data.py --check` and
+recipe of docs/own_data.md, and one imported from ffmpeg-named frames, each passes `data.py --check` and
 trains the tokenizer and the dynamics at the smoke preset; and the stages' messages about what is
 missing name commands that work as written. data.py's own checks: tests/test_data.py."""
 
@@ -59,9 +59,9 @@ class SquareEnv:
 
 
 def readme_recipe() -> str:
-    """The python block of the README's "Bring your own video" section, as a user copies it."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        section = f.read().split("### Bring your own video", 1)[1].split("\n### ", 1)[0]
+    """The python block of docs/own_data.md (linked from the README), as a user copies it."""
+    with open(os.path.join(ROOT, "docs", "own_data.md")) as f:
+        section = f.read()
     (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
     return code
 
@@ -85,7 +85,7 @@ def errors_of(root: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> str:
-    """The README's recipe run as written (env = SquareEnv()) in an empty working folder."""
+    """The recipe of docs/own_data.md run as written (env = SquareEnv()) in an empty working folder."""
     cwd = tmp_path_factory.mktemp("gym")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
