@@ -51,10 +51,10 @@ class Args:
     preset: str = "cpu"  # smoke | cpu: the dynamics preset whose data, windows and budget are used
     tokenizer: str = ""  # tokenizer checkpoint (default: the dynamics preset's)
     out: str = ""  # run folder (default: runs/<preset>/ladder/<rung>)
-    steps: int = 0  # optimiser steps (0: the rung's preset value)
-    batch: int = 0  # windows per step (0: the rung's preset value)
-    width: int = 0  # pixel_cnn channels / latent_det model width (0: preset value)
-    lr: float = 0.0  # AdamW peak learning rate (0: the rung's preset value)
+    steps: int = 5000  # optimiser steps (each rung's preset sets its own)
+    batch: int = 32  # windows per step (each rung's preset sets its own)
+    width: int = 48  # pixel_cnn channels / latent_det model width (the preset's dynamics width)
+    lr: float = 2e-3  # AdamW peak learning rate (each rung's preset sets its own)
     seed: int = 0  # model init and data streams; the held-out windows follow dynamics.py's seed 0
     eval_seqs: int = 64  # held-out windows (dynamics.py --preset cpu evaluates 32 of the same)
     device: str = "auto"  # auto | cpu | cuda | mps
@@ -67,8 +67,8 @@ class Args:
 RUNGS = {
     "pixel_cnn": {"smoke": dict(steps=6, batch=4, width=8, lr=2e-3),
                   "cpu": dict(steps=5000, batch=32, width=48, lr=2e-3)},
-    "latent_det": {"smoke": dict(steps=6, batch=4, width=0, lr=1e-3),
-                   "cpu": dict(steps=6000, batch=8, width=0, lr=1e-3)},
+    "latent_det": {"smoke": dict(steps=6, batch=4, width=32, lr=1e-3),
+                   "cpu": dict(steps=6000, batch=8, width=128, lr=1e-3)},
 }
 
 
@@ -222,9 +222,7 @@ def score(generate, win: dict, Tc: int, H: int, builtin: bool) -> dict:
 def train_rung(rung: str, a: Args) -> dict:
     common.seed_everything(a.seed)
     a_dyn = dy.Args(**{**asdict(dy.Args()), **dy.PRESETS[a.preset], "preset": a.preset})
-    preset = RUNGS[rung][a.preset]
-    steps, batch = a.steps or preset["steps"], a.batch or preset["batch"]
-    width, lr = a.width or preset["width"] or a_dyn.dim, a.lr or preset["lr"]
+    steps, batch, width, lr = a.steps, a.batch, a.width, a.lr
     out = a.out or os.path.join(os.path.dirname(a_dyn.out), "ladder", rung)
     a.dtype = a.dtype if a.dtype != "auto" else dy.PRESETS[a.preset].get("dtype", "auto")
     device = common.pick_device(a.device, a.dtype)
@@ -336,7 +334,7 @@ def main(argv=None) -> None:
         for run in argv[1].split(","):
             print_row(run, row_of(run))
         return
-    train_rung(argv[0], common.parse_args(Args, {"smoke": {}, "cpu": {}}, argv[1:]))
+    train_rung(argv[0], common.parse_args(Args, RUNGS[argv[0]], argv[1:]))
 
 
 if __name__ == "__main__":
