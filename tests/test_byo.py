@@ -1,7 +1,8 @@
 """Bring your own video, end to end: a dataset recorded from a gymnasium-style environment by the
-recipe of docs/own_data.md, and one imported from ffmpeg-named frames, each passes `data.py --check` and
-trains the tokenizer and the dynamics at the smoke preset; and the stages' messages about what is
-missing name commands that work as written. data.py's own checks: tests/test_data.py."""
+recipe of docs/own_data.md, and one imported from ffmpeg-named frames, each passes
+`data.py --check` and trains the tokenizer and the dynamics at the smoke preset; and the stages'
+messages about what is missing name commands that work as written. data.py's own checks:
+tests/test_data.py."""
 
 import os
 import re
@@ -85,7 +86,7 @@ def errors_of(root: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory) -> str:
-    """The recipe of docs/own_data.md run as written (env = SquareEnv()) in an empty working folder."""
+    """The recipe of docs/own_data.md run as written (env = SquareEnv()), in an empty folder."""
     cwd = tmp_path_factory.mktemp("gym")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
