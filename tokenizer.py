@@ -529,10 +529,15 @@ def train(a: Args) -> dict:
     size = data.load_meta(a.data)["image_size"]
     if size != a.image_size:
         want = f"{a.image_size}×{a.image_size}"
+        # a built-in dataset of that frame size (this preset's first), else one under a new name
+        fits = [p for p in dict.fromkeys((a.preset, "default", "cpu"))
+                if data.PRESETS.get(p, {}).get("image_size", data.Args.image_size) == a.image_size]
+        make = (f"python data.py --preset {fits[0]}" if fits else
+                f"python data.py --image-size {a.image_size} --out data/diamond{a.image_size} "
+                f"--no-assets")
         raise ValueError(f"{a.data} holds {size}×{size} frames but this run expects {want} "
                          f"(preset '{a.preset}'). Pass --image-size {size} (and a matching "
-                         f"--patch), or point --data at a {want} dataset "
-                         f"(`python data.py --image-size {a.image_size}`).")
+                         f"--patch), or point --data at a {want} dataset (`{make}`).")
     n_time = a.depth // 4
     if a.seq_len <= n_time * (a.window - 1):
         print(f"note: seq_len {a.seq_len} ≤ {n_time}·(window − 1): no frame sees its full context")

@@ -173,6 +173,15 @@ def test_truncated_parent_checkpoint_advice_keeps_the_preset(tmp_path, monkeypat
         agent.load_dynamics("runs/smoke/dynamics/ckpt.pt")
 
 
+def test_image_size_mismatch_names_both_ways_out(recorded, tmp_path):
+    args = common.parse_args(tokenizer.Args, tokenizer.PRESETS, [
+        "--preset", "smoke", "--data", recorded, "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="holds 64×64 frames") as err:
+        tokenizer.train(args)
+    assert "Pass --image-size 64" in str(err.value)
+    assert "(`python data.py --preset smoke`)" in str(err.value)  # a 32×32 dataset of its preset
+
+
 def test_custom_run_folder_advice_repeats_the_run_flags(tmp_path):
     run_dir = str(tmp_path / "tok")
     args = common.parse_args(tokenizer.Args, tokenizer.PRESETS,

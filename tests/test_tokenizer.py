@@ -604,8 +604,8 @@ def test_missing_checkpoint_names_the_command_with_its_preset(monkeypatch, tmp_p
     # A stage that needs runs/smoke/tokenizer/ckpt.pt says to run the smoke preset.
     smoke_out = str(tmp_path / "smoke" / "tokenizer")
     monkeypatch.setitem(tk.PRESETS, "smoke", dict(tk.PRESETS["smoke"], out=smoke_out))
-    with pytest.raises(FileNotFoundError, match="`python tokenizer.py --preset smoke`"):
-        tk.load_tokenizer(os.path.join(smoke_out, "ckpt.pt"))
+    with pytest.raises(FileNotFoundError, match="run `python tokenizer.py --preset smoke` first"):
+        tk.load_tokenizer(os.path.join(smoke_out, "ckpt.pt"))  # the preset's own --out: implied
 
 
 def test_encode_another_dataset(smoke_run, tmp_path):
