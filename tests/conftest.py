@@ -30,3 +30,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_tokenizer(tmp_path_factory):
+    """Smoke data and a smoke tokenizer trained once for the whole test session, as a user would
+    (no LPIPS: its backbone is not what these tests check). Returns (data folder, checkpoint).
+    Tests write their own runs into folders of their own; these two stay read-only."""
+    tmp = tmp_path_factory.mktemp("smoke_tokenizer")
+    data_dir, tok = str(tmp / "data"), str(tmp / "tok")
+    run("data.py", "--preset", "smoke", "--out", data_dir)
+    run("tokenizer.py", "--preset", "smoke", "--data", data_dir, "--out", tok,
+        "--lpips-weight", "0")
+    return data_dir, os.path.join(tok, "ckpt.pt")

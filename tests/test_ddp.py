@@ -38,14 +38,9 @@ def max_difference(path_a: str, path_b: str, key: str = "model") -> float:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """Smoke data and a smoke tokenizer (no LPIPS: its backbone is not what is tested here)."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    data_dir, tok = str(tmp / "data"), str(tmp / "tok")
-    run("data.py", "--preset", "smoke", "--out", data_dir)
-    run("tokenizer.py", "--preset", "smoke", "--data", data_dir, "--out", tok,
-        "--lpips-weight", "0")
-    return tmp, data_dir, os.path.join(tok, "ckpt.pt")
+def smoke(tmp_path_factory, smoke_tokenizer):
+    """A folder for this module's runs, and the shared smoke data and tokenizer (conftest.py)."""
+    return (tmp_path_factory.mktemp("ddp"), *smoke_tokenizer)
 
 
 def test_two_ranks_tokenizer_step_equals_one_rank_with_the_whole_batch(smoke):

@@ -816,19 +816,15 @@ def test_ema_update_matches_a_slow_average():
 # ---------------------------------------------------------------- pipeline: smoke, resume, re-eval
 
 @pytest.fixture(scope="module")
-def smoke_tokenizer(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dyn")
-    data_dir, tok = str(tmp / "data"), str(tmp / "tok")
-    run("data.py", "--preset", "smoke", "--out", data_dir)
-    run("tokenizer.py", "--preset", "smoke", "--data", data_dir, "--out", tok,
-        "--lpips-weight", "0")
-    return tmp, os.path.join(tok, "ckpt.pt")
+def smoke_dir(tmp_path_factory):
+    """This module's folder for runs after the shared smoke tokenizer (tests/conftest.py)."""
+    return tmp_path_factory.mktemp("dyn")
 
 
 @pytest.fixture(scope="module")
-def smoke_run(smoke_tokenizer):
+def smoke_run(smoke_dir, smoke_tokenizer):
     """dynamics.py --preset smoke run as a user would. Returns (run folder, summary)."""
-    tmp, tok = smoke_tokenizer
+    tmp, (_, tok) = smoke_dir, smoke_tokenizer
     full = str(tmp / "full")
     run("dynamics.py", "--preset", "smoke", "--tokenizer", tok, "--out", full)
     with open(os.path.join(full, "summary.json")) as fh:
@@ -886,8 +882,9 @@ def test_load_dynamics_gives_the_ema_weights(smoke_run):
     assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_weights(smoke_tokenizer, smoke_run):
-    tmp, tok = smoke_tokenizer
+def test_resume_after_an_interruption_gives_the_uninterrupted_weights(smoke_dir, smoke_tokenizer,
+                                                                       smoke_run):
+    tmp, (_, tok) = smoke_dir, smoke_tokenizer
     full, _ = smoke_run
     part = str(tmp / "part")
     args = ["dynamics.py", "--preset", "smoke", "--tokenizer", tok, "--out", part,
@@ -902,11 +899,11 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(smoke_toke
         torch.testing.assert_close(a["ema"][k], b["ema"][k], atol=1e-6, rtol=1e-5)
 
 
-def test_dynamics_eval_reevaluates_a_run_folder_and_keeps_its_training_figures(smoke_tokenizer,
+def test_dynamics_eval_reevaluates_a_run_folder_and_keeps_its_training_figures(smoke_dir,
                                                                                smoke_run):
     """python dynamics_eval.py RUN_DIR: the model and data come from the checkpoint (no --preset
     needed), the typed evaluation flags apply, the training figures and metrics stay."""
-    tmp, _ = smoke_tokenizer
+    tmp = smoke_dir
     full, s = smoke_run
     again = str(tmp / "again")
     shutil.copytree(full, again)

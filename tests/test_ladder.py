@@ -71,18 +71,16 @@ def test_shuffled_actions_keep_the_context_and_swap_the_future():
 
 
 @pytest.fixture(scope="module")
-def smoke_rungs(tmp_path_factory):
-    """Both rungs trained at the smoke preset on a smoke tokenizer, as a user would run them."""
+def smoke_rungs(tmp_path_factory, smoke_tokenizer):
+    """Both rungs trained at the smoke preset on the shared smoke tokenizer (tests/conftest.py),
+    as a user would run them."""
     tmp = tmp_path_factory.mktemp("ladder")
-    data_dir, tok = str(tmp / "data"), str(tmp / "tok")
-    run("data.py", "--preset", "smoke", "--out", data_dir)
-    run("tokenizer.py", "--preset", "smoke", "--data", data_dir, "--out", tok,
-        "--lpips-weight", "0")
+    _, tok = smoke_tokenizer
     out = {}
     for rung in ladder.RUNGS:
         folder = str(tmp / rung)
-        run("dynamics_ladder.py", rung, "--preset", "smoke", "--tokenizer",
-            os.path.join(tok, "ckpt.pt"), "--out", folder, "--eval-seqs", "4")
+        run("dynamics_ladder.py", rung, "--preset", "smoke", "--tokenizer", tok,
+            "--out", folder, "--eval-seqs", "4")
         out[rung] = folder
     return out
 
