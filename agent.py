@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import common
 import environment
 from dynamics import (DynamicsModel, build_model, context_signal_level, corrupt, forcing_batch,
-                      load_dynamics, row_select, sample_frame, shift_actions, shortcut_forcing_loss)
+                      history_stream, load_dynamics, row_select, sample_frame, shift_actions,
+                      shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
 
 
@@ -228,16 +229,18 @@ class AgentModel(nn.Module):
         self.reward_head = MTPHead(D, head_hidden, bins, mtp)
 
     def forward(self, z_tilde, tau, d, prev_actions, act_valid, task, independent=None,
-                cache: common.KVCache | None = None, commit: bool = False):
+                cache: common.KVCache | None = None, commit: bool = False, time_layout=None):
         """z_tilde (B, T, N_z, C_z); tau, d (B, T); prev_actions (B, T, A) = a_{t−1}, act_valid
-        (B, T); task (B,) or (B, T) int64. independent, cache, commit: as DynamicsModel.forward."""
+        (B, T); task (B,) or (B, T) int64. independent, cache, commit, time_layout: as
+        DynamicsModel.forward."""
         B, T = tau.shape
         x = self.dyn.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N_world, D)
         task = task[:, None].expand(B, T) if task.dim() == 1 else task  # (B, T)
         g = (self.agent_base + self.task_embed(task))[:, :, None]  # (B, T, 1, D) the agent token
         x = torch.cat([x, g.to(x.dtype)], dim=2)  # (B, T, N_world + 1, D)
         h = self.dyn.transformer(x, space_mask=self.space_mask, independent=independent,
-                                 cache=cache, commit=commit)  # (B, T, N_world + 1, D)
+                                 cache=cache, commit=commit,
+                                 time_layout=time_layout)  # (B, T, N_world + 1, D)
         z1 = self.dyn.latent_out(h[:, :, self.dyn.spatial])  # (B, T, N_z, C_z)
         return z1, h[:, :, -1]  # (B, T, N_z, C_z), (B, T, D)
 
@@ -502,6 +505,9 @@ def train(a: Args) -> dict:
     gen = torch.Generator(device)
     dargs = dyn_ckpt["args"]  # the world model's Eq 4 / Eq 7 settings carry over (as in stage 1b)
     tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
+    # --ctx-stream world models keep their history stream in the video loss, at stage 1b's τ_ctx
+    tau_hist = context_signal_level(dargs.get("ctx_tau", 0.9), model.k_max)
+    tokens_per_frame = 3 + model.dyn.latent_tokens + len(model.dyn.register_tokens)  # + agent
     n_uni = a.batch - int(round(a.batch * a.relevant_frac))  # uniform rows; the rest: relevant
     common.check_batch("--batch × (1 − --relevant-frac)", n_uni)  # each rank: 1/G of each half
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
@@ -520,14 +526,23 @@ def train(a: Args) -> dict:
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b
                 fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen,
-                                   dargs.get("k_min", 1), dargs.get("flow_frac", 0.0))
+                                   dargs.get("k_min", 1), dargs.get("flow_frac", 0.0),
+                                   tau_hist if dargs.get("ctx_stream") else None)
                 # this rank's uniform rows of the global draws (all of them in one process)
                 fb, task_uni = common.shard(fb), common.shard(task[:n_uni])
 
                 def f(z, tau, d, rows=None):  # ẑ₁ of the uniform half (or its `rows`: Eq 7)
                     prev, valid, indep = row_select(fb, rows)
                     tk = task_uni if rows is None else task_uni[rows]
-                    return fwd(z, tau, d, prev, valid, tk, indep)[0].float()
+                    if not dargs.get("ctx_stream"):
+                        return fwd(z, tau, d, prev, valid, tk, indep)[0].float()
+                    # as stage 1b trained it: the loss frames after a history stream at τ_ctx
+                    hist = fb["history"] if rows is None else fb["history"][rows]
+                    *inputs, layout = history_stream(z, tau, d, hist, prev, valid, indep,
+                                                     tau_hist, model.k_max, model.dyn.window,
+                                                     tokens_per_frame)
+                    out = fwd(*inputs, tk, indep, time_layout=layout)[0]  # (R, 2T, N_z, C_z)
+                    return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
 
                 terms["video"] = shortcut_forcing_loss(
                     f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,

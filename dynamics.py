@@ -344,10 +344,12 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
 
 
 def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
-                  gen: torch.Generator, k_min: int = 1, flow_frac: float = 0.0) -> dict:
+                  gen: torch.Generator, k_min: int = 1, flow_frac: float = 0.0,
+                  history_tau: float | None = None) -> dict:
     """Diffusion-forcing inputs of one batch: latents (B, T, N_b, D_b) → clean (B, T, N_z, 2·D_b)
     packed (App A); per-frame (τ, d) (Eq 4); noise z₀; start-frame rows (§3.4: `start_frac` of the
-    sequences are independent images, with no action); a_{t−1} (None for unlabelled clips)."""
+    sequences are independent images, with no action); a_{t−1} (None for unlabelled clips).
+    history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx."""
     clean = pack(latents)  # (B, T, N_z, C_z)
     B, T = clean.shape[:2]
     dev = clean.device
@@ -361,8 +363,12 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     else:
         prev, valid = shift_actions(actions)  # (B, T, A), (B, T)
         valid = valid & ~independent[:, None]  # an independent image is a frame 0: no action
-    return {"clean": clean, "noise": noise, "tau": tau, "d": d, "independent": independent,
-            "prev_actions": prev, "act_valid": valid}
+    fb = {"clean": clean, "noise": noise, "tau": tau, "d": d, "independent": independent,
+          "prev_actions": prev, "act_valid": valid}
+    if history_tau is not None:  # the history stream of --ctx-stream: Eq 6 at τ_ctx
+        history_noise = torch.randn(clean.shape, generator=gen, device=dev)  # (B, T, N_z, C_z)
+        fb["history"] = corrupt(history_noise, clean, history_tau)  # (B, T, N_z, C_z)
+    return fb
 
 
 def two_stream_layout(T: int, window: int, independent, n_tokens: int, device) -> tuple:
@@ -389,6 +395,23 @@ def two_stream_layout(T: int, window: int, independent, n_tokens: int, device) -
     alone = torch.eye(2 * T, dtype=torch.bool, device=device)  # (2T, 2T) each frame only itself
     rows = independent.repeat_interleave(n_tokens).view(-1, 1, 1, 1)  # (B·N, 1, 1, 1)
     return positions, torch.where(rows, alone, mask)  # (B·N, 1, 2T, 2T)
+
+
+def history_stream(z, tau, d, history, prev, valid, independent, tau_ctx: float, k_max: int,
+                   window: int, n_tokens: int) -> tuple:
+    """The inputs of one `--ctx-stream` pass (not in paper; docs/deviations.md): the history
+    stream (B, T, N_z, C_z) at τ_ctx tagged d_min, then the T loss frames z at their (τ, d).
+    prev (B, T, A) or None, valid (B, T), independent (B,): as in forcing_batch. Returns
+    (x, τ, d, a_{t−1}, valid) over 2T frames and the time layout (two_stream_layout); the loss
+    frames are the last T of the network's output."""
+    T = z.shape[1]
+    x = torch.cat([history, z], 1)  # (B, 2T, N_z, C_z): history, then the loss frames
+    taus = torch.cat([torch.full_like(tau, tau_ctx), tau], 1)  # (B, 2T)
+    ds = torch.cat([torch.full_like(d, 1.0 / k_max), d], 1)  # (B, 2T)
+    prev2 = None if prev is None else torch.cat([prev, prev], 1)  # (B, 2T, A)
+    valid2 = torch.cat([valid, valid], 1)  # (B, 2T)
+    layout = two_stream_layout(T, window, independent, n_tokens, z.device)
+    return x, taus, ds, prev2, valid2, layout
 
 
 def row_select(fb: dict, rows=None) -> tuple:
@@ -584,25 +607,18 @@ def train(a: Args) -> dict:
         batch = train_data.sample(B, T)
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
-                           a.k_min, a.flow_frac)
-        if a.ctx_stream:  # the history stream: every frame at τ_ctx, tagged d_min
-            fb["history"] = corrupt(torch.randn(fb["clean"].shape, generator=gen, device=device),
-                                    fb["clean"], tau_ctx)  # (B, T, N_z, C_z)
+                           a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None)
         fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
             prev, valid, ind = row_select(fb, rows)
             if not a.ctx_stream:
                 return fwd(z, tau, d, prev, valid, ind).float()
-            T = z.shape[1]
             hist = fb["history"] if rows is None else fb["history"][rows]  # (R, T, N_z, C_z)
-            x = torch.cat([hist, z], 1)  # (R, 2T, N_z, C_z): history, then the loss frames
-            taus = torch.cat([torch.full_like(tau, tau_ctx), tau], 1)  # (R, 2T)
-            ds = torch.cat([torch.full_like(d, 1.0 / a.k_max), d], 1)  # (R, 2T)
-            prev2 = None if prev is None else torch.cat([prev, prev], 1)  # (R, 2T, A)
-            layout = two_stream_layout(T, a.context, ind, tokens_per_frame, device)
-            out = fwd(x, taus, ds, prev2, torch.cat([valid, valid], 1), ind, time_layout=layout)
-            return out[:, T:].float()  # (R, T, N_z, C_z) the loss frames
+            *inputs, layout = history_stream(z, tau, d, hist, prev, valid, ind, tau_ctx,
+                                             a.k_max, a.context, tokens_per_frame)
+            out = fwd(*inputs, ind, time_layout=layout)  # (R, 2T, N_z, C_z)
+            return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
 
         for g in opt.param_groups:
             g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)

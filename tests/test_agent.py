@@ -731,6 +731,27 @@ def test_fixed_batch_overfits():
     assert last[0] < 0.3 * first[0] and last[1] < 0.3 * first[1], (first, last)
 
 
+def test_history_stream_video_pass_matches_the_world_models_cached_pass():
+    """Phase 2 keeps a --ctx-stream world model's video loss in its stage-1b layout: a loss frame
+    of the agent's two-stream pass (one more token per frame, the agent's) gets the world model's
+    cached sampling output — the agent token does not leak into the latents."""
+    model = tiny_agent()
+    T, t = 4, 2
+    hist, z = torch.tanh(torch.randn(1, T, 4, 6)), torch.randn(1, T, 4, 6)
+    acts = torch.stack([torch.randint(0, n, (1, T)) for n in CLASSES], -1)  # (1, T, A)
+    prev, valid = dy.shift_actions(acts)
+    tau, d = torch.full((1, T), 0.25), torch.full((1, T), 0.25)
+    *x, layout = dy.history_stream(z, tau, d, hist, prev, valid, None, TAU_C, 64, 8,
+                                   2 + 4 + 2 + 1)
+    two = model(*x, torch.zeros(1, dtype=torch.long), time_layout=layout)[0][:, T:]
+    cache = common.KVCache(8)
+    model.dyn(hist[:, :t], torch.full((1, t), TAU_C), torch.full((1, t), 1 / 64), prev[:, :t],
+              valid[:, :t], cache=cache, commit=True)
+    one = model.dyn(z[:, t:t + 1], tau[:, t:t + 1], d[:, t:t + 1], prev[:, t:t + 1],
+                    valid[:, t:t + 1], cache=cache)
+    torch.testing.assert_close(two[:, t], one[:, 0], atol=1e-5, rtol=1e-4)
+
+
 # ---- Pipeline: smoke runs, resume, load_agent, re-evaluation -------------------------------------
 
 

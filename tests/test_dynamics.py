@@ -683,12 +683,9 @@ def test_two_stream_loss_frame_matches_the_cached_sampling_pass():
     acts = torch.randint(0, 2, (1, T, 3))
     prev, valid = dy.shift_actions(acts)
     tau, d = torch.full((1, T), 0.25), torch.full((1, T), 0.25)
-    layout = dy.two_stream_layout(T, 4, None, 2 + 4 + 2, "cpu")
-    x = torch.cat([hist, z], 1)
-    taus = torch.cat([torch.full((1, T), tau_c), tau], 1)
-    ds = torch.cat([torch.full((1, T), 1 / K_MAX), d], 1)
-    two = model(x, taus, ds, torch.cat([prev, prev], 1), torch.cat([valid, valid], 1),
-                time_layout=layout)[:, T:]
+    *inputs, layout = dy.history_stream(z, tau, d, hist, prev, valid, None, tau_c, K_MAX, 4,
+                                        2 + 4 + 2)
+    two = model(*inputs, time_layout=layout)[:, T:]
     t = 2  # the frame after two history frames
     cache = common.KVCache(4)
     model(hist[:, :t], torch.full((1, t), tau_c), torch.full((1, t), 1 / K_MAX), prev[:, :t],
