@@ -8,10 +8,14 @@ dynamics.evaluate (same seed, same windows, same scoring), so the rungs can be r
     pixel_cnn   a small convolutional next-frame predictor in pixels    (~0.2 M parameters)
     latent_det  the dynamics network itself (DynamicsModel) as a deterministic next-latent
                 predictor: clean history in, ẑ_t out, plain MSE — no noise, no shortcut
+    latent_routed  the same network and task, but frame t's tokens hold pure noise (τ = 0,
+                d = 1: one sampling step, K = 1) and the past arrives as dynamics.py's history
+                stream at τ_ctx through time attention: how the diffusion model must read it
     dynamics    dynamics.py (its run folder), at several steps × widths: the scaling curve
 
 The first rung that beats copying says where the signal is lost: if the pixel CNN beats copying
 and latent_det does not, the latents or the network are the limit; if latent_det does and
+latent_routed does not, reading the last frame through time attention is; if both do and
 dynamics.py does not, the diffusion objective at this budget is.
 
 Figures per rung (held-out, open loop, true actions unless said): rollout PSNR over the horizon,
@@ -22,6 +26,7 @@ built-in world the share of frames with the agent on the right tile at the 1st a
 Run (after tokenizer.py --preset cpu; same held-out windows as dynamics.py --preset cpu):
     python dynamics_ladder.py pixel_cnn --preset cpu           # ≈ 15 min on 2 cores
     python dynamics_ladder.py latent_det --preset cpu          # ≈ 10 min on 2 cores
+    python dynamics_ladder.py latent_routed --preset cpu       # ≈ 10 min on 2 cores
     python dynamics_ladder.py table \
         runs/cpu/ladder/pixel_cnn,runs/cpu/ladder/latent_det,runs/cpu/dynamics
 """
@@ -53,7 +58,7 @@ class Args:
     out: str = ""  # run folder (default: runs/<preset>/ladder/<rung>)
     steps: int = 5000  # optimiser steps (each rung's preset sets its own)
     batch: int = 32  # windows per step (each rung's preset sets its own)
-    width: int = 48  # pixel_cnn channels / latent_det model width (the preset's dynamics width)
+    width: int = 48  # pixel_cnn channels / latent_* model width (the preset's dynamics width)
     lr: float = 2e-3  # AdamW peak learning rate (each rung's preset sets its own)
     seed: int = 0  # model init and data streams; the held-out windows follow dynamics.py's seed 0
     eval_seqs: int = 64  # held-out windows (dynamics.py --preset cpu evaluates 32 of the same)
@@ -63,12 +68,14 @@ class Args:
 
 # The budget of each rung at each preset: steps and batches sized so that a rung fits the
 # dynamics stage's budget (≤ 15 min on 2 cores at cpu). Widths: ~0.2 M parameters for the CNN;
-# the dynamics preset's own network for latent_det.
+# the dynamics preset's own network for latent_det and latent_routed.
 RUNGS = {
     "pixel_cnn": {"smoke": dict(steps=6, batch=4, width=8, lr=2e-3),
                   "cpu": dict(steps=5000, batch=32, width=48, lr=2e-3)},
     "latent_det": {"smoke": dict(steps=6, batch=4, width=32, lr=1e-3),
                    "cpu": dict(steps=6000, batch=8, width=128, lr=1e-3)},
+    "latent_routed": {"smoke": dict(steps=6, batch=4, width=32, lr=1e-3),
+                      "cpu": dict(steps=3000, batch=8, width=128, lr=1e-3)},
 }
 
 
@@ -166,6 +173,31 @@ def det_rollout(model, ctx: torch.Tensor, actions, H: int) -> torch.Tensor:
     return z[:, Tc:]
 
 
+# ---- Rung: the same task read through time attention, as the diffusion model reads it ----------
+
+
+def routed_forward(model: dy.DynamicsModel, clean: torch.Tensor, actions, tau_ctx: float,
+                   gen: torch.Generator | None = None) -> torch.Tensor:
+    """ẑ_t for every frame of clean (B, T, N_z, C_z): frame t's tokens hold pure noise with the
+    (τ = 0, d = 1) token — one sampling step, K = 1 — and frames j < t enter as the history stream
+    at τ_ctx (dynamics.history_stream, the KV cache's layout when sampling). Returns (B, T, N_z,
+    C_z)."""
+    B, T = clean.shape[:2]
+    dev = clean.device
+    history = dy.corrupt(torch.randn(clean.shape, generator=gen, device=dev), clean, tau_ctx)
+    z = torch.randn(clean.shape, generator=gen, device=dev)  # τ = 0: pure noise
+    tau, d = torch.zeros(B, T, device=dev), torch.ones(B, T, device=dev)  # (B, T) each
+    if actions is None:
+        prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
+    else:
+        prev, valid = dy.shift_actions(actions)  # (B, T, A), (B, T)
+    n_tokens = 2 + model.latent_tokens + len(model.register_tokens)
+    *inputs, before, layout = dy.history_stream(z, tau, d, history, prev, valid, None, tau_ctx,
+                                                model.k_max, model.window, n_tokens)
+    out = model(*inputs, time_layout=layout, z_prev=before)  # (B, 2T, N_z, C_z)
+    return out[:, T:].float()  # the frames being predicted
+
+
 # ---- Scoring: the same held-out windows and figures for every rung ------------------------------
 
 
@@ -238,11 +270,13 @@ def train_rung(rung: str, a: Args) -> dict:
     if rung == "pixel_cnn":
         model = PixelCNN(classes, width).to(device)
         T = 3  # x_{t−2}, x_{t−1} → x_t
-    else:
+    else:  # the dynamics preset's network; latent_routed reads the last frame only in time
         n_b, d_b = train_data.latents.shape[-2:]
-        model = dy.build_model({**asdict(a_dyn), "dim": width}, n_b // 2, 2 * d_b,
-                               classes).to(device)
+        model = dy.build_model({**asdict(a_dyn), "dim": width, "prev_frame": False}, n_b // 2,
+                               2 * d_b, classes).to(device)
         T = a_dyn.seq_len
+    tau_ctx = dy.context_signal_level(a_dyn.ctx_tau, a_dyn.k_max)
+    gen = torch.Generator(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"ladder rung {rung}: {n_params / 1e6:.3f}M parameters, {steps} steps × {batch} "
           f"windows of {T} frames, lr {lr}, out {out}")
@@ -260,9 +294,13 @@ def train_rung(rung: str, a: Args) -> dict:
                 x = b["frames"].to(device).float() / 255  # (B, 3, H_px, W_px, 3)
                 pred = model(x[:, 0], x[:, 1], None if acts is None else acts[:, 1])
                 loss = (pred - x[:, 2]).pow(2).mean()
-            else:
+            elif rung == "latent_det":
                 clean = pack(b["latents"].to(device))  # (B, T, N_z, C_z)
                 loss = (det_forward(model, det_inputs(clean), acts) - clean).pow(2).mean()
+            else:
+                gen.manual_seed(a.seed * 1_000_003 + step)
+                clean = pack(b["latents"].to(device))  # (B, T, N_z, C_z)
+                loss = (routed_forward(model, clean, acts, tau_ctx, gen) - clean).pow(2).mean()
         common.check_finite(step, loss=loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -282,7 +320,13 @@ def train_rung(rung: str, a: Args) -> dict:
     def generate(actions):
         if rung == "pixel_cnn":
             return pixel_rollout(model, win["true"], actions, Tc, H)
-        z = det_rollout(model, pack(win["latents"][:, :Tc]), actions, H)  # (B, H, N_z, C_z)
+        ctx = pack(win["latents"][:, :Tc])  # (B, T_c, N_z, C_z)
+        if rung == "latent_det":
+            z = det_rollout(model, ctx, actions, H)  # (B, H, N_z, C_z)
+        else:  # dynamics.py's own sampler with the KV cache, K = 1
+            with common.autocast(device):
+                z = dy.rollout(model, ctx, actions, H, 1, a_dyn.ctx_tau,
+                               torch.Generator(device).manual_seed(a.seed)).float()
         return dy.decode_after(tok, win["latents"][:, :Tc], z, device)
 
     summary = {"rung": rung, "preset": a.preset, "params_m": n_params / 1e6, "steps": steps,
@@ -328,7 +372,8 @@ def print_row(run: str, r: dict) -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in (*RUNGS, "table"):
-        sys.exit("usage: python dynamics_ladder.py {pixel_cnn,latent_det} [--preset cpu …] | "
+        sys.exit("usage: python dynamics_ladder.py {pixel_cnn,latent_det,latent_routed} "
+                 "[--preset cpu …] | "
                  "python dynamics_ladder.py table RUN_DIR,RUN_DIR,…")
     if argv[0] == "table":
         for run in argv[1].split(","):

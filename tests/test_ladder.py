@@ -64,6 +64,27 @@ def test_det_rollout_reads_only_the_context():
     assert z.shape == (2, 3, 4, 6) and float(z.abs().max()) <= 1
 
 
+def routed_outputs(clean):
+    torch.manual_seed(0)
+    model = dy.DynamicsModel(4, 6, [5], dim=32, depth=4, heads=4, kv_heads=2, registers=2,
+                             context=8).eval()
+    acts = torch.zeros(1, clean.shape[1], 1, dtype=torch.long)
+    with torch.no_grad():
+        return ladder.routed_forward(model, clean, acts, 58 / 64, torch.Generator().manual_seed(3))
+
+
+def test_routed_prediction_of_frame_t_reads_the_frames_before_t_only():
+    """latent_routed: frame t is predicted from pure noise and the history frames j < t; its own
+    clean latents (the target) and later frames never reach it."""
+    clean = torch.tanh(torch.randn(1, 4, 4, 6))
+    later, earlier = clean.clone(), clean.clone()
+    later[:, 2:] = -later[:, 2:]  # frames 2, 3 changed
+    earlier[:, 1] = -earlier[:, 1]  # frame 1 changed
+    base, a, b = routed_outputs(clean), routed_outputs(later), routed_outputs(earlier)
+    torch.testing.assert_close(base[:, :3], a[:, :3])  # frames 0–2 do not see frame 2 on
+    assert (base[:, 2] - b[:, 2]).abs().max() > 1e-4  # frame 2 sees frame 1
+
+
 def test_shuffled_actions_keep_the_context_and_swap_the_future():
     acts = torch.arange(8).view(2, 4, 1)  # window 0: 0 1 2 3, window 1: 4 5 6 7
     out = ladder.shuffled_actions(acts, Tc=2)  # from the action leading into frame 2 (index 1)
