@@ -624,16 +624,6 @@ def test_cached_rollout_equals_uncached_recompute(Tc, H, window):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)  # also beyond the window C
 
 
-def test_cached_rollout_equals_uncached_recompute_with_prev_frame():
-    """--prev-frame: the cache hands the last committed frame to the next pass (also beyond C)."""
-    model = tiny_model(window=2, prev_frame=True)
-    context, acts = torch.tanh(torch.randn(2, 3, 4, 6)), torch.randint(0, 2, (2, 8, 3))
-    fast = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1))
-    slow = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1),
-                      use_cache=False)
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
-
-
 def test_previous_inputs_match_the_hand_written_table():
     """Frame t reads z̃_{t−1}; the first frame of a pass reads the cache's last committed frame
     (zeros without one); start-frame rows read zeros; a commit stores the pass's last frame."""
@@ -659,8 +649,12 @@ def test_prev_frame_model_starts_as_the_paper_model():
     torch.testing.assert_close(ours(z, tau, d), paper(z, tau, d))
 
 
-def test_cached_rollout_equals_uncached_recompute_with_space_rope():
-    model = tiny_model(space_rope_base=10.0)
+@pytest.mark.parametrize("option", [dict(space_rope_base=10.0),
+                                    dict(prev_frame=True, window=2)])
+def test_cached_rollout_equals_uncached_recompute_with_model_options(option):
+    """Space RoPE; --prev-frame, where the cache hands the last committed frame to the next pass
+    (window 2: also beyond C)."""
+    model = tiny_model(**option)
     context, acts = torch.tanh(torch.randn(2, 3, 4, 6)), torch.randint(0, 2, (2, 8, 3))
     fast = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1))
     slow = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1),
