@@ -229,14 +229,12 @@ class AgentModel(nn.Module):
         self.reward_head = MTPHead(D, head_hidden, bins, mtp)
 
     def forward(self, z_tilde, tau, d, prev_actions, act_valid, task, independent=None,
-                cache: common.KVCache | None = None, commit: bool = False, time_layout=None,
-                z_prev=None):
+                cache: common.KVCache | None = None, commit: bool = False, time_layout=None):
         """z_tilde (B, T, N_z, C_z); tau, d (B, T); prev_actions (B, T, A) = a_{t−1}, act_valid
-        (B, T); task (B,) or (B, T) int64. independent, cache, commit, time_layout, z_prev: as
+        (B, T); task (B,) or (B, T) int64. independent, cache, commit, time_layout: as
         DynamicsModel.forward."""
         B, T = tau.shape
-        x = self.dyn.tokens(z_tilde, tau, d, prev_actions, act_valid, z_prev, independent, cache,
-                            commit)  # (B, T, N_world, D)
+        x = self.dyn.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N_world, D)
         task = task[:, None].expand(B, T) if task.dim() == 1 else task  # (B, T)
         g = (self.agent_base + self.task_embed(task))[:, :, None]  # (B, T, 1, D) the agent token
         x = torch.cat([x, g.to(x.dtype)], dim=2)  # (B, T, N_world + 1, D)
@@ -540,11 +538,10 @@ def train(a: Args) -> dict:
                         return fwd(z, tau, d, prev, valid, tk, indep)[0].float()
                     # as stage 1b trained it: the loss frames after a history stream at τ_ctx
                     hist = fb["history"] if rows is None else fb["history"][rows]
-                    *inputs, before, layout = history_stream(
-                        z, tau, d, hist, prev, valid, indep, tau_hist, model.k_max,
-                        model.dyn.window, tokens_per_frame)
-                    out = fwd(*inputs, tk, indep, time_layout=layout,
-                              z_prev=before)[0]  # (R, 2T, N_z, C_z)
+                    *inputs, layout = history_stream(z, tau, d, hist, prev, valid, indep,
+                                                     tau_hist, model.k_max, model.dyn.window,
+                                                     tokens_per_frame)
+                    out = fwd(*inputs, tk, indep, time_layout=layout)[0]  # (R, 2T, N_z, C_z)
                     return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
 
                 terms["video"] = shortcut_forcing_loss(

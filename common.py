@@ -270,12 +270,10 @@ class KVCache:
     One (k, v) pair per time layer, each (B·N, Hk, T_cached, Dh), trimmed to the last C − 1
     frames (the window: a new frame sees itself plus C − 1 cached frames). `pos` is the absolute
     time index of the next frame, so RoPE keeps advancing by exactly one per committed frame.
-    `last`: the input of the last committed frame, for a dynamics model that reads the frame
-    before in place (`--prev-frame`); None until a frame is committed.
     """
 
     def __init__(self, window: int):
-        self.window, self.pos, self.kv, self.last = window, 0, {}, None
+        self.window, self.pos, self.kv = window, 0, {}
 
 
 class SpaceTimeTransformer(nn.Module):

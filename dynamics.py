@@ -67,7 +67,6 @@ class Args:
     k_min: int = 1  # coarsest step trained, d ≤ 1/k_min (Eq 4: 1; 4 trains only what K = 4 uses)
     flow_frac: float = 0.75  # share of rows with every d = d_min; 0 = literal Eq 4 (not in paper)
     ctx_stream: bool = False  # every frame also trained after a history at τ_ctx (not in paper)
-    prev_frame: bool = False  # latent tokens also read the frame before in place (not in paper)
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     batch: int = 32  # sequences per short batch (not in paper)
@@ -222,8 +221,7 @@ class DynamicsModel(nn.Module):
     def __init__(self, latent_tokens: int, latent_dim: int, action_classes: list[int], dim: int,
                  depth: int, heads: int, kv_heads: int, registers: int, context: int,
                  mlp_ratio: float = 4.0, soft_cap: float = 50.0, k_max: int = 64,
-                 time_every: int = 4, time_layer: int = 0, space_rope_base: float = 0.0,
-                 prev_frame: bool = False):
+                 time_every: int = 4, time_layer: int = 0, space_rope_base: float = 0.0):
         super().__init__()
         self.latent_tokens, self.latent_dim = latent_tokens, latent_dim
         self.k_max, self.window = k_max, context
@@ -238,14 +236,6 @@ class DynamicsModel(nn.Module):
         n_steps = int(round(math.log2(k_max))) + 1
         self.d_embed = nn.Embedding(n_steps, dim - dim // 2)  # d ∈ {1, ½, …, 1/K_max}
         self.latent_in = nn.Linear(latent_dim, dim)  # §3.2: linear projection to the model width
-        # not in paper (`--prev-frame`, docs/deviations.md): the latent tokens of frame t also
-        # read the input of frame t − 1 at their own slot, so the frame being denoised starts from
-        # the last frame instead of fetching it through time attention. Zero-initialised: the
-        # model starts as the paper's.
-        self.latent_prev = nn.Linear(latent_dim, dim) if prev_frame else None
-        if prev_frame:
-            nn.init.zeros_(self.latent_prev.weight)
-            nn.init.zeros_(self.latent_prev.bias)
         # not in paper: the packed latents have no pixel grid, so each slot gets a learned embedding
         self.latent_slot = nn.Parameter(torch.randn(latent_tokens, dim) * 0.02)
         self.register_tokens = nn.Parameter(torch.randn(registers, dim) * 0.02)  # S_r (§3.4)
@@ -271,24 +261,8 @@ class DynamicsModel(nn.Module):
                  for c, (n, emb) in enumerate(zip(self.action_classes, self.action_embed))]
         return tok + torch.stack(parts).sum(0) * valid[..., None]  # (A, B, T, D) → (B, T, D)
 
-    def previous_inputs(self, z_tilde, independent=None, cache=None, commit=False):
-        """`--prev-frame`: the input latents of the frame before each frame, (B, T, N_z, C_z).
-        Frame t gets z̃_{t−1}; the first frame of a pass gets the last frame committed to the
-        cache (zeros without one); start-frame rows (independent (B,) bool) get zeros."""
-        first = cache.last if cache is not None and cache.last is not None \
-            else torch.zeros_like(z_tilde[:, :1])  # (B, 1, N_z, C_z)
-        prev = torch.cat([first.to(z_tilde.dtype), z_tilde[:, :-1]], 1)  # (B, T, N_z, C_z)
-        if cache is not None and commit:
-            cache.last = z_tilde[:, -1:].detach()  # the frame the next pass starts after
-        if independent is not None:
-            prev = prev * ~independent[:, None, None, None]  # start frames: nothing before
-        return prev
-
-    def tokens(self, z_tilde, tau, d, prev_actions=None, act_valid=None, z_prev=None,
-               independent=None, cache=None, commit=False) -> torch.Tensor:
-        """The per-frame tokens. z_tilde (B, T, N_z, C_z); tau, d (B, T) on the Eq 4 grid.
-        With `--prev-frame`: z_prev (B, T, N_z, C_z), the frame before each frame (default:
-        previous_inputs with independent/cache/commit)."""
+    def tokens(self, z_tilde, tau, d, prev_actions=None, act_valid=None) -> torch.Tensor:
+        """The per-frame tokens. z_tilde (B, T, N_z, C_z); tau, d (B, T) on the Eq 4 grid."""
         B, T, N, C = z_tilde.shape
         assert (N, C) == (self.latent_tokens, self.latent_dim), (
             f"expected packed latents (B, T, {self.latent_tokens}, {self.latent_dim}), "
@@ -298,24 +272,19 @@ class DynamicsModel(nn.Module):
         d_i = torch.round(-torch.log2(d)).long()  # d = 2^−i
         td = torch.cat([self.tau_embed(tau_i), self.d_embed(d_i)], dim=-1)  # (B, T, D)
         z = self.latent_in(z_tilde) + self.latent_slot  # (B, T, N_z, D)
-        if self.latent_prev is not None:
-            if z_prev is None:
-                z_prev = self.previous_inputs(z_tilde, independent, cache, commit)
-            z = z + self.latent_prev(z_prev)  # (B, T, N_z, D)
         reg = self.register_tokens.expand(B, T, -1, -1)  # (B, T, S_r, D)
         return torch.cat([a[:, :, None], td[:, :, None], z, reg], dim=2)  # (B, T, N, D)
 
     def forward(self, z_tilde, tau, d, prev_actions=None, act_valid=None, independent=None,
                 cache: common.KVCache | None = None, commit: bool = False,
-                time_layout=None, z_prev=None) -> torch.Tensor:
+                time_layout=None) -> torch.Tensor:
         """Eq 6: (B, T, N_z, C_z) corrupted latents → ẑ₁ (B, T, N_z, C_z) predicted clean latents.
 
         prev_actions (B, T, A): a_{t−1} per frame (see shift_actions); act_valid (B, T) bool.
         independent (B,) bool: start-frame sequences (§3.4). cache/commit: see common.KVCache.
-        time_layout: see two_stream_layout (training with --ctx-stream). z_prev: see tokens.
+        time_layout: see two_stream_layout (training with --ctx-stream).
         """
-        x = self.tokens(z_tilde, tau, d, prev_actions, act_valid, z_prev, independent, cache,
-                        commit)  # (B, T, N, D)
+        x = self.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N, D)
         h = self.transformer(x, self.space_pos, independent=independent, cache=cache,
                              commit=commit, time_layout=time_layout)  # (B, T, N, D)
         return self.latent_out(h[:, :, self.spatial])  # (B, T, N_z, C_z)
@@ -433,20 +402,16 @@ def history_stream(z, tau, d, history, prev, valid, independent, tau_ctx: float,
     """The inputs of one `--ctx-stream` pass (not in paper; docs/deviations.md): the history
     stream (B, T, N_z, C_z) at τ_ctx tagged d_min, then the T loss frames z at their (τ, d).
     prev (B, T, A) or None, valid (B, T), independent (B,): as in forcing_batch. Returns
-    (x, τ, d, a_{t−1}, valid) over 2T frames, the frames before each (for `--prev-frame`: a
-    loss frame's is the history frame before it, as in the KV cache) and the time layout
-    (two_stream_layout); the loss frames are the last T of the network's output."""
+    (x, τ, d, a_{t−1}, valid) over 2T frames and the time layout (two_stream_layout); the loss
+    frames are the last T of the network's output."""
     T = z.shape[1]
     x = torch.cat([history, z], 1)  # (B, 2T, N_z, C_z): history, then the loss frames
     taus = torch.cat([torch.full_like(tau, tau_ctx), tau], 1)  # (B, 2T)
     ds = torch.cat([torch.full_like(d, 1.0 / k_max), d], 1)  # (B, 2T)
     prev2 = None if prev is None else torch.cat([prev, prev], 1)  # (B, 2T, A)
     valid2 = torch.cat([valid, valid], 1)  # (B, 2T)
-    before = torch.cat([torch.zeros_like(history[:, :1]), history[:, :-1]], 1)  # (B, T, N_z, C_z)
-    if independent is not None:
-        before = before * ~independent[:, None, None, None]  # start frames: nothing before
     layout = two_stream_layout(T, window, independent, n_tokens, z.device)
-    return x, taus, ds, prev2, valid2, torch.cat([before, before], 1), layout
+    return x, taus, ds, prev2, valid2, layout
 
 
 def row_select(fb: dict, rows=None) -> tuple:
@@ -548,8 +513,7 @@ def build_model(a: dict, latent_tokens: int, latent_dim: int,
     return DynamicsModel(
         latent_tokens, latent_dim, action_classes, a["dim"], a["depth"], a["heads"],
         a["kv_heads"], a["registers"], a["context"], a["mlp_ratio"], a["soft_cap"], a["k_max"],
-        a.get("time_every", 4), a.get("time_layer", -1), a.get("space_rope_base", 0.0),
-        a.get("prev_frame", False))
+        a.get("time_every", 4), a.get("time_layer", -1), a.get("space_rope_base", 0.0))
 
 
 def load_dynamics(path: str = "runs/dynamics/ckpt.pt", device="cpu"):
@@ -651,9 +615,9 @@ def train(a: Args) -> dict:
             if not a.ctx_stream:
                 return fwd(z, tau, d, prev, valid, ind).float()
             hist = fb["history"] if rows is None else fb["history"][rows]  # (R, T, N_z, C_z)
-            *inputs, before, layout = history_stream(z, tau, d, hist, prev, valid, ind, tau_ctx,
-                                                     a.k_max, a.context, tokens_per_frame)
-            out = fwd(*inputs, ind, time_layout=layout, z_prev=before)  # (R, 2T, N_z, C_z)
+            *inputs, layout = history_stream(z, tau, d, hist, prev, valid, ind, tau_ctx,
+                                             a.k_max, a.context, tokens_per_frame)
+            out = fwd(*inputs, ind, time_layout=layout)  # (R, 2T, N_z, C_z)
             return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
 
         for g in opt.param_groups:

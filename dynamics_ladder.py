@@ -192,9 +192,9 @@ def routed_forward(model: dy.DynamicsModel, clean: torch.Tensor, actions, tau_ct
     else:
         prev, valid = dy.shift_actions(actions)  # (B, T, A), (B, T)
     n_tokens = 2 + model.latent_tokens + len(model.register_tokens)
-    *inputs, before, layout = dy.history_stream(z, tau, d, history, prev, valid, None, tau_ctx,
-                                                model.k_max, model.window, n_tokens)
-    out = model(*inputs, time_layout=layout, z_prev=before)  # (B, 2T, N_z, C_z)
+    *inputs, layout = dy.history_stream(z, tau, d, history, prev, valid, None, tau_ctx,
+                                        model.k_max, model.window, n_tokens)
+    out = model(*inputs, time_layout=layout)  # (B, 2T, N_z, C_z)
     return out[:, T:].float()  # the frames being predicted
 
 
@@ -270,10 +270,10 @@ def train_rung(rung: str, a: Args) -> dict:
     if rung == "pixel_cnn":
         model = PixelCNN(classes, width).to(device)
         T = 3  # x_{t−2}, x_{t−1} → x_t
-    else:  # the dynamics preset's network; latent_routed reads the last frame only in time
+    else:  # the dynamics preset's network
         n_b, d_b = train_data.latents.shape[-2:]
-        model = dy.build_model({**asdict(a_dyn), "dim": width, "prev_frame": False}, n_b // 2,
-                               2 * d_b, classes).to(device)
+        model = dy.build_model({**asdict(a_dyn), "dim": width}, n_b // 2, 2 * d_b,
+                               classes).to(device)
         T = a_dyn.seq_len
     tau_ctx = dy.context_signal_level(a_dyn.ctx_tau, a_dyn.k_max)
     gen = torch.Generator(device)

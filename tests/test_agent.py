@@ -32,14 +32,11 @@ TAU_C = dy.context_signal_level(0.9, 64)  # τ_ctx on the K_max = 64 grid of the
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0, time_every=4, prev_frame=False):
+def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0, time_every=4):
     torch.manual_seed(seed)
     dyn = dy.DynamicsModel(latent_tokens=4, latent_dim=6, action_classes=CLASSES, dim=32, depth=4,
                            heads=4, kv_heads=2, registers=2, context=window, mlp_ratio=2.0,
-                           k_max=64, time_every=time_every, prev_frame=prev_frame)
-    if prev_frame:  # not the zero init: the previous frame must change the output in the tests
-        with torch.no_grad():
-            torch.nn.init.normal_(dyn.latent_prev.weight, std=0.5)
+                           k_max=64, time_every=time_every)
     return ag.AgentModel(dyn, n_tasks, head_hidden=16, mtp=mtp, bins=255).eval()
 
 
@@ -554,9 +551,8 @@ def history(z, T, B=2):
     return dy.corrupt(noise, z[:, :T], TAU_C), gen
 
 
-@pytest.mark.parametrize("prev_frame", [False, True])
-def test_cached_observe_equals_the_uncached_forward_beyond_the_window(prev_frame):
-    model = tiny_agent(window=3, prev_frame=prev_frame)
+def test_cached_observe_equals_the_uncached_forward_beyond_the_window():
+    model = tiny_agent(window=3)
     z, acts, task, _, hs, _ = stepped(model)
     hist, _ = history(z, 6)
     with torch.no_grad():
@@ -564,9 +560,8 @@ def test_cached_observe_equals_the_uncached_forward_beyond_the_window(prev_frame
     torch.testing.assert_close(hs, h_full, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("prev_frame", [False, True])
-def test_imagine_frame_equals_the_sampler_on_the_uncached_history(prev_frame):
-    model = tiny_agent(window=3, prev_frame=prev_frame)
+def test_imagine_frame_equals_the_sampler_on_the_uncached_history():
+    model = tiny_agent(window=3)
     z, acts, task, _, _, z_new = stepped(model)
     hist, gen = history(z, 6)
     prev, valid = dy.shift_actions(acts[:, :7])
@@ -736,21 +731,19 @@ def test_fixed_batch_overfits():
     assert last[0] < 0.3 * first[0] and last[1] < 0.3 * first[1], (first, last)
 
 
-@pytest.mark.parametrize("prev_frame", [False, True])
-def test_history_stream_video_pass_matches_the_world_models_cached_pass(prev_frame):
+def test_history_stream_video_pass_matches_the_world_models_cached_pass():
     """Phase 2 keeps a --ctx-stream world model's video loss in its stage-1b layout: a loss frame
     of the agent's two-stream pass (one more token per frame, the agent's) gets the world model's
     cached sampling output — the agent token does not leak into the latents."""
-    model = tiny_agent(prev_frame=prev_frame)
+    model = tiny_agent()
     T, t = 4, 2
     hist, z = torch.tanh(torch.randn(1, T, 4, 6)), torch.randn(1, T, 4, 6)
     acts = torch.stack([torch.randint(0, n, (1, T)) for n in CLASSES], -1)  # (1, T, A)
     prev, valid = dy.shift_actions(acts)
     tau, d = torch.full((1, T), 0.25), torch.full((1, T), 0.25)
-    *x, before, layout = dy.history_stream(z, tau, d, hist, prev, valid, None, TAU_C, 64, 8,
-                                           2 + 4 + 2 + 1)
-    two = model(*x, torch.zeros(1, dtype=torch.long), time_layout=layout,
-                z_prev=before)[0][:, T:]
+    *x, layout = dy.history_stream(z, tau, d, hist, prev, valid, None, TAU_C, 64, 8,
+                                   2 + 4 + 2 + 1)
+    two = model(*x, torch.zeros(1, dtype=torch.long), time_layout=layout)[0][:, T:]
     cache = common.KVCache(8)
     model.dyn(hist[:, :t], torch.full((1, t), TAU_C), torch.full((1, t), 1 / 64), prev[:, :t],
               valid[:, :t], cache=cache, commit=True)

@@ -37,17 +37,11 @@ CONVENTION = "the paper's convention: τ = 0 is pure noise, τ = 1 is clean data
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-def tiny_model(window=4, action_classes=(5, 2, 2), seed=0, space_rope_base=0.0,
-               prev_frame=False):
+def tiny_model(window=4, action_classes=(5, 2, 2), seed=0, space_rope_base=0.0):
     torch.manual_seed(seed)
-    model = dy.DynamicsModel(latent_tokens=4, latent_dim=6, action_classes=list(action_classes),
-                             dim=32, depth=4, heads=4, kv_heads=2, registers=2, context=window,
-                             mlp_ratio=2.0, k_max=K_MAX, space_rope_base=space_rope_base,
-                             prev_frame=prev_frame).eval()
-    if prev_frame:  # not the zero init: the previous frame must change the output in the tests
-        with torch.no_grad():
-            nn.init.normal_(model.latent_prev.weight, std=0.5)
-    return model
+    return dy.DynamicsModel(latent_tokens=4, latent_dim=6, action_classes=list(action_classes),
+                            dim=32, depth=4, heads=4, kv_heads=2, registers=2, context=window,
+                            mlp_ratio=2.0, k_max=K_MAX, space_rope_base=space_rope_base).eval()
 
 
 def toy_weight(channels: int = 6) -> torch.Tensor:
@@ -624,37 +618,8 @@ def test_cached_rollout_equals_uncached_recompute(Tc, H, window):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)  # also beyond the window C
 
 
-def test_previous_inputs_match_the_hand_written_table():
-    """Frame t reads z̃_{t−1}; the first frame of a pass reads the cache's last committed frame
-    (zeros without one); start-frame rows read zeros; a commit stores the pass's last frame."""
-    model = tiny_model(prev_frame=True)
-    z = torch.arange(2 * 3, dtype=torch.float).view(2, 3, 1, 1).expand(2, 3, 4, 6)  # value 3b+t
-    prev = model.previous_inputs(z, independent=torch.tensor([False, True]))
-    assert prev[:, :, 0, 0].tolist() == [[0, 0, 1], [0, 0, 0]]
-    cache = common.KVCache(4)
-    model.previous_inputs(z, cache=cache, commit=True)
-    assert cache.last[:, 0, 0, 0].tolist() == [2, 5]  # the last frame of each row
-    nxt = model.previous_inputs(z[:, :1] + 10, cache=cache)  # an uncommitted pass
-    assert nxt[:, :, 0, 0].tolist() == [[2], [5]] and cache.last[:, 0, 0, 0].tolist() == [2, 5]
-
-
-def test_prev_frame_model_starts_as_the_paper_model():
-    """Zero-initialised, the previous-frame projection changes nothing until it is trained."""
-    paper, ours = tiny_model(), dy.DynamicsModel(
-        latent_tokens=4, latent_dim=6, action_classes=[5, 2, 2], dim=32, depth=4, heads=4,
-        kv_heads=2, registers=2, context=4, mlp_ratio=2.0, k_max=K_MAX, prev_frame=True).eval()
-    missing = ours.load_state_dict(paper.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["latent_prev.bias", "latent_prev.weight"]
-    z, tau, d = torch.randn(2, 3, 4, 6), torch.full((2, 3), 0.5), torch.full((2, 3), 0.25)
-    torch.testing.assert_close(ours(z, tau, d), paper(z, tau, d))
-
-
-@pytest.mark.parametrize("option", [dict(space_rope_base=10.0),
-                                    dict(prev_frame=True, window=2)])
-def test_cached_rollout_equals_uncached_recompute_with_model_options(option):
-    """Space RoPE; --prev-frame, where the cache hands the last committed frame to the next pass
-    (window 2: also beyond C)."""
-    model = tiny_model(**option)
+def test_cached_rollout_equals_uncached_recompute_with_space_rope():
+    model = tiny_model(space_rope_base=10.0)
     context, acts = torch.tanh(torch.randn(2, 3, 4, 6)), torch.randint(0, 2, (2, 8, 3))
     fast = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1))
     slow = dy.rollout(model, context, acts, 5, 4, 0.9, torch.Generator().manual_seed(1),
@@ -709,19 +674,18 @@ def test_two_stream_layout_start_frames_see_only_themselves():
     assert mask[2, 0, 4, 0]  # row 1: loss frame 1 sees history frame 0
 
 
-@pytest.mark.parametrize("prev_frame", [False, True])
-def test_two_stream_loss_frame_matches_the_cached_sampling_pass(prev_frame):
+def test_two_stream_loss_frame_matches_the_cached_sampling_pass():
     """A loss frame of the two-stream pass gets the output of sampling: history at τ_ctx in the
-    KV cache, then the frame being denoised (with --prev-frame: after the last history frame)."""
-    model = tiny_model(prev_frame=prev_frame)
+    KV cache, then the frame being denoised."""
+    model = tiny_model()
     T, tau_c = 4, 58 / 64
     hist, z = torch.tanh(torch.randn(1, T, 4, 6)), torch.randn(1, T, 4, 6)
     acts = torch.randint(0, 2, (1, T, 3))
     prev, valid = dy.shift_actions(acts)
     tau, d = torch.full((1, T), 0.25), torch.full((1, T), 0.25)
-    *inputs, before, layout = dy.history_stream(z, tau, d, hist, prev, valid, None, tau_c,
-                                                K_MAX, 4, 2 + 4 + 2)
-    two = model(*inputs, time_layout=layout, z_prev=before)[:, T:]
+    *inputs, layout = dy.history_stream(z, tau, d, hist, prev, valid, None, tau_c, K_MAX, 4,
+                                        2 + 4 + 2)
+    two = model(*inputs, time_layout=layout)[:, T:]
     t = 2  # the frame after two history frames
     cache = common.KVCache(4)
     model(hist[:, :t], torch.full((1, t), tau_c), torch.full((1, t), 1 / K_MAX), prev[:, :t],
