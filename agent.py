@@ -221,7 +221,7 @@ class AgentModel(nn.Module):
         D = dyn.latent_in.out_features
         self.agent_base = nn.Parameter(torch.randn(D) * 0.02)  # "this is the agent token"
         self.task_embed = nn.Embedding(n_tasks, D)  # one-hot task → learned embedding (§3.3)
-        n_world = 2 + dyn.latent_tokens + dyn.register_tokens.shape[0]  # action, (τ, d), z, regs
+        n_world = dyn.n_tokens  # action, (τ, d), latents, registers
         self.register_buffer("space_mask", agent_space_mask(n_world, 1), persistent=False)
         self.register_buffer("bins", twohot_bins(bins), persistent=False)
         n_out = sum(1 if n == 2 else n for n in self.action_classes)  # one logit per button
@@ -507,7 +507,6 @@ def train(a: Args) -> dict:
     tau_c, d_min = context_signal_level(a.ctx_tau, model.k_max), 1 / model.k_max
     # --ctx-stream world models keep their history stream in the video loss, at stage 1b's τ_ctx
     tau_hist = context_signal_level(dargs.get("ctx_tau", 0.9), model.k_max)
-    tokens_per_frame = 3 + model.dyn.latent_tokens + len(model.dyn.register_tokens)  # + agent
     n_uni = a.batch - int(round(a.batch * a.relevant_frac))  # uniform rows; the rest: relevant
     common.check_batch("--batch × (1 − --relevant-frac)", n_uni)  # each rank: 1/G of each half
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
@@ -540,7 +539,7 @@ def train(a: Args) -> dict:
                     hist = fb["history"] if rows is None else fb["history"][rows]
                     *inputs, layout = history_stream(z, tau, d, hist, prev, valid, indep,
                                                      tau_hist, model.k_max, model.dyn.window,
-                                                     tokens_per_frame)
+                                                     model.dyn.n_tokens + 1)  # + agent
                     out = fwd(*inputs, tk, indep, time_layout=layout)[0]  # (R, 2T, N_z, C_z)
                     return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
 

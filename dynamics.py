@@ -249,6 +249,7 @@ class DynamicsModel(nn.Module):
         self.register_buffer("space_pos", pos, persistent=False)  # (N, 2) or None
         self.latent_out = nn.Linear(dim, latent_dim)  # x-prediction head
         self.spatial = slice(2, 2 + latent_tokens)  # where the latent tokens sit in a frame
+        self.n_tokens = 2 + latent_tokens + registers  # per frame: action, (τ, d), latents, regs
 
     def embed_actions(self, prev_actions, valid, B: int, T: int) -> torch.Tensor:
         """One action token per frame (S_a = 1, not in paper): base + Σ_components embed(a_{t−1});
@@ -595,7 +596,6 @@ def train(a: Args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device)
     tau_ctx = context_signal_level(a.ctx_tau, a.k_max)  # the history level of --ctx-stream
-    tokens_per_frame = 2 + model.latent_tokens + a.registers  # action, (τ, d), latents, registers
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run, frames_run, frames_log, steps_log = time.time(), 0, 0, 0, 0
     while step < a.steps:
@@ -616,7 +616,7 @@ def train(a: Args) -> dict:
                 return fwd(z, tau, d, prev, valid, ind).float()
             hist = fb["history"] if rows is None else fb["history"][rows]  # (R, T, N_z, C_z)
             *inputs, layout = history_stream(z, tau, d, hist, prev, valid, ind, tau_ctx,
-                                             a.k_max, a.context, tokens_per_frame)
+                                             a.k_max, a.context, model.n_tokens)
             out = fwd(*inputs, ind, time_layout=layout)  # (R, 2T, N_z, C_z)
             return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
 

@@ -27,8 +27,8 @@ Run (after tokenizer.py --preset cpu; same held-out windows as dynamics.py --pre
     python dynamics_ladder.py pixel_cnn --preset cpu           # ≈ 15 min on 2 cores
     python dynamics_ladder.py latent_det --preset cpu          # ≈ 10 min on 2 cores
     python dynamics_ladder.py latent_routed --preset cpu       # ≈ 10 min on 2 cores
-    python dynamics_ladder.py table \
-        runs/cpu/ladder/pixel_cnn,runs/cpu/ladder/latent_det,runs/cpu/dynamics
+    python dynamics_ladder.py table runs/cpu/ladder/pixel_cnn,runs/cpu/ladder/latent_det,\
+runs/cpu/ladder/latent_routed,runs/cpu/dynamics
 """
 
 from __future__ import annotations
@@ -138,6 +138,14 @@ def pixel_rollout(model: PixelCNN, frames: torch.Tensor, actions, Tc: int, H: in
 # ---- Rung: the dynamics network as a deterministic next-latent predictor ------------------------
 
 
+def previous_actions(actions, B: int, T: int, device) -> tuple:
+    """a_{t−1} per frame (B, T, A) and its validity (B, T) (dynamics.shift_actions); without
+    actions, None and nothing valid."""
+    if actions is None:
+        return None, torch.zeros(B, T, dtype=torch.bool, device=device)
+    return dy.shift_actions(actions)
+
+
 def det_inputs(clean: torch.Tensor) -> torch.Tensor:
     """Teacher forcing: the latent tokens of frame t hold z_{t−1} (zeros at t = 0), so that the
     network's output at frame t is a prediction of z_t. clean (B, T, N_z, C_z) → same shape."""
@@ -150,10 +158,7 @@ def det_forward(model: dy.DynamicsModel, inputs: torch.Tensor, actions) -> torch
     B, T = inputs.shape[:2]
     tau = torch.zeros(B, T, device=inputs.device)  # (B, T)
     d = torch.ones(B, T, device=inputs.device)  # (B, T)
-    if actions is None:
-        prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=inputs.device)
-    else:
-        prev, valid = dy.shift_actions(actions)  # (B, T, A), (B, T): a_{t−1} at frame t
+    prev, valid = previous_actions(actions, B, T, inputs.device)  # a_{t−1} at frame t
     return model(inputs, tau, d, prev, valid).float()  # (B, T, N_z, C_z)
 
 
@@ -187,13 +192,9 @@ def routed_forward(model: dy.DynamicsModel, clean: torch.Tensor, actions, tau_ct
     history = dy.corrupt(torch.randn(clean.shape, generator=gen, device=dev), clean, tau_ctx)
     z = torch.randn(clean.shape, generator=gen, device=dev)  # τ = 0: pure noise
     tau, d = torch.zeros(B, T, device=dev), torch.ones(B, T, device=dev)  # (B, T) each
-    if actions is None:
-        prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
-    else:
-        prev, valid = dy.shift_actions(actions)  # (B, T, A), (B, T)
-    n_tokens = 2 + model.latent_tokens + len(model.register_tokens)
+    prev, valid = previous_actions(actions, B, T, dev)  # (B, T, A) or None, (B, T)
     *inputs, layout = dy.history_stream(z, tau, d, history, prev, valid, None, tau_ctx,
-                                        model.k_max, model.window, n_tokens)
+                                        model.k_max, model.window, model.n_tokens)
     out = model(*inputs, time_layout=layout)  # (B, 2T, N_z, C_z)
     return out[:, T:].float()  # the frames being predicted
 

@@ -826,6 +826,19 @@ def test_metrics_log_every_loss_term(smoke_runs):
     assert {"video", "bc", "reward", "move_acc"} <= set(rows[-1])
 
 
+def test_agent_trains_on_a_history_stream_world_model(smoke_dynamics):
+    """A --ctx-stream world model: phase 2's video loss runs in its two-stream layout."""
+    tmp, _ = smoke_dynamics
+    dyn, out = str(tmp / "dyn_ctx_stream"), str(tmp / "agent_ctx_stream")
+    dy.train(common.parse_args(dy.Args, dy.PRESETS, [
+        "--preset", "smoke", "--tokenizer", str(tmp / "tok" / "ckpt.pt"), "--out", dyn,
+        "--ctx-stream", "--steps", "2", "--eval-seqs", "0"]))
+    ag.train(agent_args("--dynamics", os.path.join(dyn, "ckpt.pt"), "--out", out, "--steps", "2",
+                        "--eval-episodes", "0", "--no-baselines"))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert math.isfinite(rows[-1]["video"]) and rows[-1]["video"] > 0
+
+
 def test_checkpoint_chains_to_the_dynamics_checkpoint(smoke_runs):
     dyn, runs = smoke_runs
     ckpt = torch.load(os.path.join(runs["full"], "ckpt.pt"), weights_only=True)
