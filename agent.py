@@ -613,10 +613,13 @@ def train(a: Args) -> dict:
 # ---- Acting in the real environment (ladder prompt, cached policy) and its success (§4.1) --------
 
 
-def ladder_prompt(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
+def ladder_prompt(frames: np.ndarray, level: np.ndarray,
+                  read=environment.decode_frames) -> np.ndarray:
     """Table 6's prompt ladder: the first task not yet achieved, read off the frames (B, H, W, 3);
-    `level` (B,), the highest milestone so far (−1: none; a chain), is updated in place."""
-    s = environment.decode_frames(frames)
+    `level` (B,), the highest milestone so far (−1: none; a chain), is updated in place.
+    read: frames → {"app", "inv"}; the exact reader for real frames, dynamics_eval.read_frames
+    (nearest sprite) for generated ones (play.py)."""
+    s = read(frames)
     inv, table = s["inv"], (s["app"] == environment.TABLE).any((1, 2))  # (B, 7), (B,)
     seen = np.stack([inv[:, environment.WOOD] > 0, table, inv[:, environment.WOOD_PICK] > 0,
                      inv[:, environment.STONE_I] > 0, inv[:, environment.STONE_PICK] > 0,

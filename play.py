@@ -1,0 +1,552 @@
+"""Play inside the dream (§4.2): the trained world model as a game, in real time on a laptop CPU.
+
+The paper lets people play inside its Minecraft world model in real time with mouse and
+keyboard, and checks it with an interaction test: tasks played inside the model. This file does
+both for the built-in world. The keyboard drives the world model frame by frame: each frame is
+K = 4 shortcut steps from pure noise with the KV cache (§3.2), decoded by the tokenizer. The real
+environment can run beside it under the same keys. A trained agent can act in the dream until a
+key takes over. What was played goes to a GIF. The interaction test plans short scripts on a real
+frame (chop a tree, place a table), plays them in the dream and in the real environment, and
+reads the outcome off the frames.
+
+Reads:  a dynamics checkpoint (`python dynamics.py`) or an agent checkpoint (`python agent.py`),
+        and its tokenizer.
+Writes: the GIF (--gif); with --interaction, <out>/interaction.json.
+
+Run:
+    python play.py --preset cpu                   # a window, one frame per key press
+    python play.py --preset cpu --fps 20          # real time: the world goes on at 20 frames/s
+    python play.py --preset cpu --real            # the real environment beside the dream
+    python play.py --preset cpu --agent runs/cpu/agent/ckpt.pt   # watch the agent; a key takes over
+    python play.py --preset cpu --keys "right*2 use*3 agent*20"  # no display needed: a script
+    python play.py --preset cpu --interaction     # the interaction test in miniature
+
+Keys: arrows or W A S D move (a blocked move turns the agent), space or E use (mining takes
+consecutive presses: 3 for a tree), P place a table (costs 2 wood), C craft (face the table),
+N or . do nothing, Tab hands control to the agent and back, R a new world, Esc quit.
+Scripts (--keys): key names up, down, left, right, use, place, craft, noop, joined by + for
+keys pressed together and repeated by *n; agent*n lets the agent act n frames.
+
+Paper map (no equations in this file; the steps are those of dynamics.py and agent.py):
+    §4.2 interactive inference, real time                 -> Dream, play_window, play_script
+    §4.2 interaction test (tasks played in the model)     -> plan_script, interaction_test
+
+How a session starts, the keys and the interaction test are our choices (the paper describes
+people playing Minecraft): docs/deviations.md, section play.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import agent as ag
+import common
+import dynamics as dy
+import dynamics_eval as de
+import environment as env
+from tokenizer import load_tokenizer, pack, unpack
+
+
+@dataclass
+class Args:
+    preset: str = "default"  # smoke | cpu | default: which run folders the checkpoints come from
+    dynamics: str = "runs/dynamics/ckpt.pt"  # the world model, written by `python dynamics.py`
+    agent: str = ""  # an agent checkpoint (`python agent.py`): its world model, and it can act
+    tokenizer: str = ""  # tokenizer checkpoint; empty = the world model's own
+    out: str = "runs/play"  # where the GIF and interaction.json go
+    seed: int = 0  # the first world (evaluation worlds: no dataset contains them) and the noise
+    context: int = 4  # real frames the dream starts from, the player idle (not in paper)
+    sample_k: int = 4  # K shortcut steps per generated frame (§3.2: K = 4)
+    fps: float = 0.0  # frames per second in the window; 0 = one frame per key press
+    real: bool = False  # the real environment beside the dream, under the same keys
+    keys: str = ""  # a scripted key sequence instead of the keyboard; writes the GIF
+    gif: str = ""  # the GIF of what was played; empty = <out>/play.gif
+    scale: int = 8  # screen pixels per frame pixel (window and GIF)
+    interaction: bool = False  # run the interaction test and write <out>/interaction.json
+    worlds: int = 100  # worlds per task in the interaction test
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dtype: str = "auto"  # auto | fp32 | bf16 (the start-up probe of common.py)
+
+
+PRESETS = {
+    "smoke": dict(dynamics="runs/smoke/dynamics/ckpt.pt", out="runs/smoke/play", context=2,
+                  worlds=4, scale=4, dtype="fp32"),
+    "cpu": dict(dynamics="runs/cpu/dynamics/ckpt.pt", out="runs/cpu/play"),
+}
+
+# (move, use, place, craft) of each key name; move classes 0 noop, 1 up, 2 down, 3 left, 4 right
+KEYS = {"noop": (0, 0, 0, 0), "up": (1, 0, 0, 0), "down": (2, 0, 0, 0), "left": (3, 0, 0, 0),
+        "right": (4, 0, 0, 0), "use": (0, 1, 0, 0), "place": (0, 0, 1, 0), "craft": (0, 0, 0, 1)}
+# matplotlib's key names → key names
+KEYBOARD = {"up": "up", "w": "up", "down": "down", "s": "down", "left": "left", "a": "left",
+            "right": "right", "d": "right", " ": "use", "e": "use", "p": "place", "c": "craft",
+            "n": "noop", ".": "noop"}
+NOOP = np.zeros(len(KEYS["noop"]), np.int64)
+
+
+def parse_keys(script: str) -> list:
+    """--keys → one entry per frame: an action (A,) int64, or None where the agent acts.
+    Tokens are separated by spaces or commas: name[+name…][*n], e.g. "right*2 up+use agent*5"."""
+    out = []
+    for token in script.replace(",", " ").split():
+        names, _, times = token.partition("*")
+        if times and not (times.isdigit() and int(times) > 0):
+            raise SystemExit(f"--keys: '{token}' repeats {times!r} times; write name*n with "
+                             f"n ≥ 1, e.g. --keys \"right*2 use*3\"")
+        n = int(times) if times else 1
+        if names == "agent":
+            out += [None] * n
+            continue
+        a = NOOP.copy()
+        for name in names.split("+"):
+            if name not in KEYS:
+                raise SystemExit(f"--keys: unknown key '{name}'; use {', '.join(KEYS)} or agent, "
+                                 f"e.g. --keys \"right*2 use*3 up+use agent*5\"")
+            if a[0] and KEYS[name][0]:
+                raise SystemExit(f"--keys: '{token}' presses two moves at once; one move a frame, "
+                                 f"other buttons may join it, e.g. --keys \"up+use right*2\"")
+            a = np.maximum(a, KEYS[name])  # each component is a separate button
+        out += [a] * n
+    return out
+
+
+# ---- The world model as a game engine -----------------------------------------------------------
+
+
+class Dream:
+    """The world model stepped one frame at a time (§4.2), for B worlds at once.
+
+    start(frames, actions): the real context frames are encoded with the encoder's cache, written
+    into the world model's KV cache at τ_ctx (Eq 6: 10 % noise, as when sampling) and decoded with
+    the decoder's cache, so the player sees the model's own picture of them.
+    step(a_t): frame t + 1 from the cached history and a_t: K shortcut steps of d = 1/K from pure
+    noise (dynamics.sample_frame), then written into the history at τ_ctx and decoded.
+    With an agent checkpoint the same passes carry the agent token (its output h_t drives
+    act()); the world tokens never see it, so the dream is the same with or without an agent.
+    """
+
+    def __init__(self, model, tok, k: int, ctx_tau: float, seed: int, device):
+        self.model, self.tok, self.k, self.device = model.eval(), tok.eval(), k, device
+        self.is_agent = isinstance(model, ag.AgentModel)
+        self.dyn = model.dyn if self.is_agent else model
+        self.ctx_tau = ctx_tau
+        self.tau_c = dy.context_signal_level(ctx_tau, model.k_max)  # e.g. 58/64
+        self.d_min = 1.0 / model.k_max
+        self.gen = torch.Generator(device).manual_seed(seed)
+
+    def _pass(self, z, tau: float, d: float, prev, valid, commit: bool):
+        """One cached pass over the new frame z (B, 1, N_z, C_z) at (τ, d); prev (B, 1, A) and
+        valid (B, 1) from agent._step_inputs. Returns ẑ₁ (B, 1, N_z, C_z) and the agent output
+        h_t (B, D), None without an agent."""
+        B = z.shape[0]
+        tau_t = torch.full((B, 1), tau, device=self.device)  # (B, 1)
+        d_t = torch.full((B, 1), d, device=self.device)  # (B, 1)
+        with common.autocast(self.device):
+            if not self.is_agent:
+                z1 = self.model(z, tau_t, d_t, prev, valid, cache=self.cache, commit=commit)
+                return z1.float(), None
+            z1, h = self.model(z, tau_t, d_t, prev, valid, self.task, cache=self.cache,
+                               commit=commit)
+        return z1.float(), h[:, 0].float()
+
+    def _observe(self, z, prev_action, frames: np.ndarray) -> None:
+        """Write frame t (B, 1, N_z, C_z), reached by a_{t−1} (B, A) or None, into the history at
+        τ_ctx. For an agent, first its prompt, read off the frames (B, H, W, 3) as they look."""
+        B = z.shape[0]
+        if self.is_agent:  # Table 6's prompt ladder, read off the dream's own frames
+            prompt = ag.ladder_prompt(frames, self.level, read=de.read_frames)  # (B,)
+            task = torch.from_numpy(prompt).to(self.device)  # (B,)
+            if self.task is not None:  # a new prompt: re-read the cached context (agent.py)
+                ag.reprompt(self.model, self.cache, self.record, task, task != self.task,
+                            self.ctx_tau)
+            self.task = task
+        prev, valid = ag._step_inputs(self.model, prev_action, B, self.device)  # (B, 1, A), (B, 1)
+        noise = torch.randn(z.shape, generator=self.gen, device=self.device)  # (B, 1, N_z, C_z)
+        z_ctx = dy.corrupt(noise, z, self.tau_c)  # Eq 6 at τ_ctx
+        _, self.h = self._pass(z_ctx, self.tau_c, self.d_min, prev, valid, commit=True)
+        if self.is_agent:  # the inputs of the frames a next frame still sees, for reprompt
+            self.record.append((z_ctx, prev, valid))
+            del self.record[:max(0, len(self.record) - (self.model.window - 1))]
+
+    def _decode(self, z) -> np.ndarray:
+        """Packed latents (B, 1, N_z, C_z) → frames (B, H, W, 3) uint8, with the decoder's cache."""
+        with common.autocast(self.device):
+            x = self.tok.decode(unpack(z), cache=self.dec_cache)  # (B, 1, H, W, 3)
+        return (x[:, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+    @torch.no_grad()
+    def start(self, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Real context frames (B, T_c, H, W, 3) uint8 with the actions taken at them (B, T_c, A).
+        Returns the dream's picture of the last one (B, H, W, 3) uint8."""
+        self.cache = common.KVCache(self.model.window)
+        self.enc_cache = common.KVCache(self.tok.encoder.window)
+        self.dec_cache = common.KVCache(self.tok.decoder.window)
+        self.level = np.full(len(frames), -1)  # the agent's prompt ladder (agent.ladder_prompt)
+        self.task, self.record, self.prev = None, [], None
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)  # (B, T_c, H, W, 3)
+        for t in range(x.shape[1]):
+            with common.autocast(self.device):
+                z = pack(self.tok.encode(x[:, t:t + 1], cache=self.enc_cache)).float()
+            self.z = z  # (B, 1, N_z, C_z)
+            shown = self._decode(z)  # (B, H, W, 3)
+            self._observe(z, self.prev, shown)  # z: (B, 1, N_z, C_z)
+            self.prev = torch.from_numpy(actions[:, t]).to(self.device)  # (B, A): a_t
+        return shown
+
+    @torch.no_grad()
+    def step(self, action: np.ndarray) -> np.ndarray:
+        """a_t (B, A) int → frame t + 1 (B, H, W, 3) uint8, imagined. (The action taken at the last
+        context frame is the one given to start.)"""
+        self.prev = torch.from_numpy(np.asarray(action, np.int64)).to(self.device)  # (B, A)
+        B = self.prev.shape[0]
+        shape = (B, 1, self.dyn.latent_tokens, self.dyn.latent_dim)
+        noise = torch.randn(shape, generator=self.gen, device=self.device)  # z at τ = 0
+
+        prev, valid = ag._step_inputs(self.model, self.prev, B, self.device)  # (B, 1, A), (B, 1)
+
+        def f(z, tau, d):  # ẑ₁ of the new frame at (τ, d), reading the cached history
+            return self._pass(z, tau, d, prev, valid, commit=False)[0]
+
+        z = dy.sample_frame(f, noise, self.k)  # (B, 1, N_z, C_z): K steps of d = 1/K
+        self.z = z  # the latest frame's packed latents
+        shown = self._decode(z)
+        self._observe(z, self.prev, shown)
+        return shown
+
+    @torch.no_grad()
+    def act(self) -> np.ndarray:
+        """The agent's a_t ~ π(· | h_t) at the last frame (B, A) int64 (agent checkpoints only)."""
+        assert self.is_agent, "act() needs an agent checkpoint (--agent)"
+        return ag.sample_action(self.model.policy(self.h, offset=0), self.gen).cpu().numpy()
+
+
+def load_world(a: Args, device):
+    """The world model (a DynamicsModel, or an AgentModel with --agent), its tokenizer and τ_ctx.
+    Stops with a clear message if it is not a model of the built-in world."""
+    if a.agent:
+        model, ckpt = ag.load_agent(a.agent, device)
+        tok_path = a.tokenizer or ckpt["tokenizer"]
+        ctx_tau = ckpt["args"]["ctx_tau"]
+    else:
+        model, ckpt = dy.load_dynamics(a.dynamics, device)
+        tok_path = a.tokenizer or ckpt["parent"]["path"]
+        ctx_tau = ckpt["args"]["ctx_tau"]
+    tok, _ = load_tokenizer(tok_path, device)
+    classes = [n for _, n in env.ACTION_COMPONENTS]
+    if list(model.action_classes) != classes:
+        raise SystemExit(f"play.py plays the built-in world (actions {env.ACTION_COMPONENTS}); "
+                         f"this world model has action classes {list(model.action_classes)}. "
+                         f"Train one on it: python data.py --preset {a.preset}, then the "
+                         f"tokenizer and dynamics stages with --preset {a.preset}.")
+    if not (a.sample_k & (a.sample_k - 1) == 0 and a.sample_k <= model.k_max):
+        raise SystemExit(f"--sample-k must be a power of two ≤ {model.k_max}, got {a.sample_k}")
+    return model, tok, ctx_tau
+
+
+def real_start(seeds: list[int], size: int, context: int):
+    """Real environments on `seeds`, stepped `context` − 1 times with no action. Returns the envs,
+    the context frames (B, T_c, H, W, 3) uint8 and the actions taken at them (B, T_c, A)."""
+    envs = [env.Env(size, episode_len=1 << 30) for _ in seeds]  # no episode end while playing
+    frames = [[e.reset(s)] for e, s in zip(envs, seeds)]
+    for _ in range(context - 1):
+        for e, f in zip(envs, frames):
+            f.append(e.step(NOOP)[0])
+    actions = np.zeros((len(seeds), context, len(NOOP)), np.int64)  # the player idles
+    return envs, np.stack([np.stack(f) for f in frames]), actions
+
+
+def world_seed(seed: int, i: int = 0) -> int:
+    """Evaluation worlds: no dataset contains them (environment.episode_seed)."""
+    return env.episode_seed(seed, "eval", i)
+
+
+# ---- Pictures: the GIF ---------------------------------------------------------------------------
+
+
+def side_by_side(dream: np.ndarray, real: np.ndarray | None, scale: int) -> np.ndarray:
+    """(H, W, 3) dream frame, optionally | real frame, scaled up by `scale` (nearest)."""
+    x = dream if real is None else np.concatenate(
+        [dream, np.full((dream.shape[0], 1, 3), 255, np.uint8), real], axis=1)  # white gap
+    return x.repeat(scale, 0).repeat(scale, 1)
+
+
+def write_gif(path: str, pictures: list, fps: float) -> None:
+    """Frames (H, W, 3) uint8 → an animated GIF at `fps` (10 when fps = 0), written atomically."""
+    from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    images = [Image.fromarray(p) for p in pictures]
+    tmp = path + ".tmp"
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=int(1000 / (fps or 10)))
+    os.replace(tmp, path)
+
+
+# ---- Playing: a script (no display needed) or the keyboard --------------------------------------
+
+
+def play_script(a: Args, dream: Dream, script: list, size: int) -> dict:
+    """Play --keys in world `a.seed`; the real environment beside it with --real. Writes the GIF
+    and returns the figures: frames, frames/s of the dream, the state read off the last frames."""
+    if any(x is None for x in script) and not dream.is_agent:
+        raise SystemExit("--keys: agent*n needs an agent checkpoint: add --agent "
+                         "runs/<preset>/agent/ckpt.pt (written by `python agent.py`)")
+    envs, frames, acts = real_start([world_seed(a.seed)], size, a.context)
+    shown = dream.start(frames, acts)[0]  # (H, W, 3)
+    real = frames[0, -1] if a.real else None
+    pictures = [side_by_side(shown, real, a.scale)]
+    t0 = time.time()
+    for entry in script:
+        action = dream.act()[0] if entry is None else entry  # (A,)
+        shown = dream.step(action[None])[0]
+        if a.real:
+            real = envs[0].step(action)[0]
+        pictures.append(side_by_side(shown, real, a.scale))
+    wall = time.time() - t0
+    gif = a.gif or os.path.join(a.out, "play.gif")
+    write_gif(gif, pictures, a.fps)
+    state = de.read_frames(np.stack([shown] + ([real] if a.real else [])))
+    out = {"frames": len(script), "frames_per_s": len(script) / max(wall, 1e-9), "gif": gif,
+           "dream_inventory": dict(zip(env.INVENTORY, state["inv"][0].tolist()))}
+    if a.real:
+        out["real_inventory"] = dict(zip(env.INVENTORY, state["inv"][1].tolist()))
+    print(f"played {out['frames']} frames in the dream at {out['frames_per_s']:.1f} frames/s "
+          f"(K = {dream.k}, batch 1) -> {gif}")
+    print(f"inventory read off the last dream frame: {out['dream_inventory']}")
+    if a.real:
+        print(f"inventory in the real environment:      {out['real_inventory']}")
+    return out
+
+
+def display_available() -> bool:
+    """Can matplotlib open a window here? (No on a headless machine or a non-interactive
+    backend.)"""
+    import matplotlib
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    backend = matplotlib.get_backend().lower()
+    return not any(b in backend for b in ("agg", "pdf", "svg", "ps", "cairo", "template",
+                                          "inline"))
+
+
+def play_window(a: Args, dream: Dream, size: int) -> None:
+    """The interactive window: the dream (and the real environment with --real) under the
+    keyboard. A timer ticks at --fps (5 frames/s while the agent plays in key-press mode); a
+    key pressed or held since the last tick is the action, and takes control from the agent."""
+    import matplotlib.pyplot as plt
+    for name in list(plt.rcParams):  # the keys are the game's, not matplotlib's shortcuts
+        if name.startswith("keymap."):
+            plt.rcParams[name] = []
+    st = {"seed": a.seed, "held": set(), "tapped": set(), "agent": False, "t": 0, "fps": 0.0,
+          "pictures": []}
+
+    def reset():
+        envs, frames, acts = real_start([world_seed(st["seed"])], size, a.context)
+        st["env"], st["t"] = envs[0], 0
+        show(dream.start(frames, acts)[0], frames[0, -1])
+
+    n_panels = 2 if a.real else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(4 * n_panels, 4.4), squeeze=False)
+    images = []
+    for ax, title in zip(axes[0], ("dream (world model)", "real environment")):
+        images.append(ax.imshow(np.zeros((size, size, 3), np.uint8), interpolation="nearest"))
+        ax.set_title(title)
+        ax.axis("off")
+
+    def show(shown, real):
+        images[0].set_data(shown)
+        if a.real:
+            images[1].set_data(real)
+        who = "agent" if st["agent"] else "you"
+        fig.suptitle(f"world {st['seed']} · frame {st['t']} · {who} · {st['fps']:.0f} frames/s "
+                     f"(model) · Tab: agent · R: new world · Esc: quit", fontsize=9)
+        st["pictures"].append(side_by_side(shown, real if a.real else None, a.scale))
+        fig.canvas.draw_idle()
+
+    def tick():
+        keys = st["held"] | st["tapped"]
+        st["tapped"] = set()
+        if keys:
+            st["agent"] = False  # any key takes over from the agent
+            action = NOOP.copy()
+            for k in sorted(keys):  # several keys: several buttons; the last move wins
+                action = np.where(np.array(KEYS[k]) > 0, KEYS[k], action)
+        elif st["agent"]:
+            action = dream.act()[0]
+        elif a.fps > 0:
+            action = NOOP  # real time: the world goes on without you
+        else:
+            return  # one frame per key press: wait
+        t0 = time.time()
+        shown = dream.step(action[None])[0]
+        rate = 1 / max(time.time() - t0, 1e-6)  # what the model can do, not the timer
+        st["fps"] = rate if st["t"] == 0 else 0.8 * st["fps"] + 0.2 * rate
+        st["t"] += 1
+        show(shown, st["env"].step(action)[0] if a.real else None)
+
+    def press(event):
+        if event.key == "escape":
+            plt.close(fig)
+        elif event.key == "tab" and dream.is_agent:
+            st["agent"] = not st["agent"]
+        elif event.key == "r":
+            st["seed"] += 1
+            reset()
+        elif event.key in KEYBOARD:
+            st["held"].add(KEYBOARD[event.key])
+            st["tapped"].add(KEYBOARD[event.key])
+            if a.fps == 0 and not st["agent"]:
+                tick()  # key-press mode: the frame comes now
+
+    def release(event):
+        st["held"].discard(KEYBOARD.get(event.key))
+
+    fig.canvas.mpl_connect("key_press_event", press)
+    fig.canvas.mpl_connect("key_release_event", release)
+    timer = fig.canvas.new_timer(interval=int(1000 / (a.fps or 5)))
+    timer.add_callback(lambda: tick() if (a.fps > 0 or st["agent"]) else None)
+    reset()
+    timer.start()
+    plt.show()
+    if a.gif:
+        write_gif(a.gif, st["pictures"], a.fps)
+        print(f"wrote {len(st['pictures'])} frames to {a.gif}")
+
+
+# ---- The interaction test in miniature (§4.2) ---------------------------------------------------
+
+
+TASKS = {"chop_tree": 1, "place_table": 2}  # trees to chop first
+
+
+def terrain_of(app: np.ndarray) -> tuple:
+    """Appearance ids (ROWS, COLS) → the terrain under them (the agent and the creature stand on
+    grass or path; a cracked tile is still its terrain) and the creature's cell (None if none)."""
+    grid = app.copy()
+    agent = (app >= env.AGENT_APP) & (app < env.CREATURE_APP)
+    grid[agent] = np.where(app[agent] - env.AGENT_APP >= 4, env.PATH, env.GRASS)
+    creature = (app >= env.CREATURE_APP) & (app < env.CRACK_APP)
+    grid[creature] = np.where(app[creature] == env.CREATURE_APP + 1, env.PATH, env.GRASS)
+    crack = app >= env.CRACK_APP
+    grid[crack] = np.array(env.MINABLE)[(app[crack] - env.CRACK_APP) // 4]
+    cells = np.argwhere(creature)
+    return grid, (tuple(int(v) for v in cells[0]) if len(cells) else None)
+
+
+def plan_script(frame: np.ndarray, task: str) -> list | None:
+    """An open-loop action list for `task`, planned on one real frame (H, W, 3): walk the shortest
+    path (breadth-first over walkable tiles; the creature's tile counts as blocked) to a tile
+    beside the nearest tree, turn to it, press use until it falls; for place_table do this
+    twice and place the table where the second tree stood. None if no tree can be reached.
+    The creature moves and may steal wood, so a script can fail in the real world too."""
+    app = env.decode_frames(frame[None])["app"][0]  # (ROWS, COLS) appearance ids
+    cell, _ = de.agent_of(app[None])
+    grid, creature = terrain_of(app)
+    agent = divmod(int(cell[0]), env.COLS)
+    actions = []
+    for _ in range(TASKS[task]):
+        passable = np.isin(grid, env.WALKABLE)
+        if creature is not None:
+            passable[creature] = False
+        parent = env._bfs(passable, agent)  # {cell: parent} of every reachable cell
+        goals = [(c, m) for c in parent for m in range(1, 5)
+                 if env._inside(env._next(c, m)) and grid[env._next(c, m)] == env.TREE]
+        if not goals:
+            return None
+        depth = {}
+        for c in parent:  # path length of every reachable cell (parents come first)
+            depth[c] = 0 if parent[c] is None else depth[parent[c]] + 1
+        stand, face = min(goals, key=lambda g: (depth[g[0]], g[1]))
+        path = [stand]
+        while parent[path[-1]] is not None:
+            path.append(parent[path[-1]])
+        for prev, nxt in zip(path[::-1], path[-2::-1]):  # walk: one move per tile
+            move = env.MOVES.index((nxt[0] - prev[0], nxt[1] - prev[1]))
+            actions.append(np.array([move, 0, 0, 0], np.int64))
+        actions.append(np.array([face, 0, 0, 0], np.int64))  # blocked by the tree: turns to it
+        actions += [np.array([0, 1, 0, 0], np.int64)] * env.HARDNESS[env.TREE]
+        tree = env._next(stand, face)
+        grid[tree], agent = env.GRASS, stand  # a felled tree leaves grass
+    if task == "place_table":  # facing the grass where the second tree stood
+        actions.append(np.array([0, 0, 1, 0], np.int64))
+    return actions
+
+
+def task_done(frames: np.ndarray, task: str) -> np.ndarray:
+    """Read the outcome off frames (B, H, W, 3) in 0…255 (nearest sprite, dynamics_eval): wood in
+    the inventory (chop_tree), or a table on the map (place_table). Returns (B,) bool."""
+    state = de.read_frames(frames)
+    if task == "chop_tree":
+        return state["inv"][:, env.WOOD] >= 1
+    return (state["app"] == env.TABLE).any((1, 2))
+
+
+def interaction_test(a: Args, dream: Dream, size: int) -> dict:
+    """Each task in `a.worlds` evaluation worlds: the script planned on the last real context
+    frame, played in the real environment and (all worlds at once) in the dream from the same
+    context; success read off the frame after the script's last action, the same way in both."""
+    result = {}
+    for task in TASKS:
+        seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
+        envs, frames, acts = real_start(seeds, size, a.context)
+        scripts = [plan_script(f[-1], task) for f in frames]
+        keep = [i for i, s in enumerate(scripts) if s is not None]
+        envs, frames, acts = [envs[i] for i in keep], frames[keep], acts[keep]
+        scripts = [scripts[i] for i in keep]
+        real_end = np.stack([[e.step(x)[0] for x in s][-1] for e, s in zip(envs, scripts)])
+        L = max(len(s) for s in scripts)
+        padded = np.stack([np.stack(s + [NOOP] * (L - len(s))) for s in scripts])  # (B, L, A)
+        t0 = time.time()
+        dream.start(frames, acts)
+        dreamed = np.stack([dream.step(padded[:, t]) for t in range(L)], 1)  # (B, L, H, W, 3)
+        wall = time.time() - t0
+        dream_end = dreamed[np.arange(len(scripts)), [len(s) - 1 for s in scripts]]
+        real_ok, dream_ok = task_done(real_end, task), task_done(dream_end, task)
+        result[task] = {
+            "worlds": len(scripts), "no_plan": a.worlds - len(scripts),
+            "script_len_mean": float(np.mean([len(s) for s in scripts])),
+            "real_success": float(real_ok.mean()), "dream_success": float(dream_ok.mean()),
+            "dream_over_real": float(dream_ok.mean() / max(real_ok.mean(), 1e-9)),
+            "agree": float((real_ok == dream_ok).mean()),
+            "dream_frames_per_s": len(scripts) * L / max(wall, 1e-9)}
+        r = result[task]
+        print(f"{task:12s} {r['worlds']} worlds, scripts of {r['script_len_mean']:.1f} frames: "
+              f"real {r['real_success']:.2f}, dream {r['dream_success']:.2f} "
+              f"({100 * r['dream_over_real']:.0f} % of real), outcome agrees in "
+              f"{100 * r['agree']:.0f} %")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    a = common.parse_args(Args, PRESETS, argv)
+    common.seed_everything(a.seed)
+    device = common.pick_device(a.device, a.dtype)
+    model, tok, ctx_tau = load_world(a, device)
+    dream = Dream(model, tok, a.sample_k, ctx_tau, a.seed, device)
+    size = tok.image_size
+    if a.interaction:
+        result = {"tasks": interaction_test(a, dream, size), "sample_k": a.sample_k,
+                  "context": a.context, "world_model": a.agent or a.dynamics}
+        os.makedirs(a.out, exist_ok=True)
+        common.write_json(os.path.join(a.out, "interaction.json"), result)
+        print(f"wrote {os.path.join(a.out, 'interaction.json')}")
+        return result
+    if a.keys:
+        return play_script(a, dream, parse_keys(a.keys), size)
+    if not display_available():
+        raise SystemExit(
+            "play.py: no display here (no $DISPLAY, or a non-interactive matplotlib backend), "
+            "so no window can open. Play a scripted key sequence instead; it writes a GIF:\n"
+            f"    python play.py --preset {a.preset} --keys \"right*2 use*3 noop*4\" --real")
+    play_window(a, dream, size)
+    return None
+
+
+if __name__ == "__main__":
+    main()

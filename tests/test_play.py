@@ -1,0 +1,195 @@
+"""Tests of play.py (§4.2: playing inside the world model, the interaction test), one behaviour
+each. The world-model passes are checked against an uncached recompute; the script planner
+against the real environment; the command line end to end at --preset smoke."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import agent as ag
+import dynamics as dy
+import environment as env
+import play
+import tokenizer as tk
+from conftest import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
+
+CLASSES = [n for _, n in env.ACTION_COMPONENTS]  # the built-in world's actions
+
+
+def tiny_world(seed=0, window=8):
+    """A random 32×32 tokenizer and a random dynamics model over its packed latents."""
+    torch.manual_seed(seed)
+    tok = tk.Tokenizer(image_size=32, patch=8, width=32, depth=2, heads=2, n_latents=8,
+                       latent_dim=4, window=4).eval()
+    dyn = dy.DynamicsModel(latent_tokens=4, latent_dim=8, action_classes=CLASSES, dim=32,
+                           depth=4, heads=4, kv_heads=2, registers=2, context=window,
+                           mlp_ratio=2.0, k_max=64).eval()
+    return tok, dyn
+
+
+def test_parse_keys_reads_names_combinations_repeats_and_agent_turns():
+    got = play.parse_keys("right*2 up+use, place craft noop agent*2")
+    want = [[4, 0, 0, 0], [4, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0],
+            None, None]
+    assert [None if g is None else g.tolist() for g in got] == want
+
+
+@pytest.mark.parametrize("script, says", [("jump", "unknown key 'jump'"),
+                                          ("up+left", "two moves"),
+                                          ("use*0", "n ≥ 1")])
+def test_parse_keys_rejects_bad_scripts_with_an_example(script, says):
+    with pytest.raises(SystemExit) as e:
+        play.parse_keys(script)
+    assert says in str(e.value) and "--keys \"" in str(e.value)
+
+
+def test_dream_cached_steps_equal_an_uncached_recompute():
+    """Dream (KV caches, one frame at a time) against the same process recomputed from scratch:
+    the whole history at τ_ctx through the model at every denoising step, the same noise."""
+    tok, dyn = tiny_world()
+    k, T_c = 2, 3
+    envs, frames, acts = play.real_start([play.world_seed(0, i) for i in range(2)], 32, T_c)
+    steps = np.array([[[4, 0, 0, 0], [0, 1, 0, 0]], [[1, 0, 0, 0], [0, 0, 1, 0]]])  # (B, 2, A)
+    dream = play.Dream(dyn, tok, k, 0.9, seed=5, device="cpu")
+    dream.start(frames, acts)
+    got = []
+    for t in range(steps.shape[1]):
+        dream.step(steps[:, t])
+        got.append(dream.z)
+    # the reference: the same generator draws in the same order, nothing cached
+    gen = torch.Generator().manual_seed(5)
+    tau_c = dy.context_signal_level(0.9, 64)
+    with torch.no_grad():
+        clean = tk.pack(tok.encode(torch.from_numpy(frames)))  # (B, T_c, N_z, C_z)
+        # a_t is taken at frame t: the player's first key replaces the last context action
+        # (the trailing zeros are never read: the last frame's action leads past the end)
+        all_acts = torch.cat([torch.from_numpy(acts[:, :-1]), torch.from_numpy(steps),
+                              torch.zeros_like(torch.from_numpy(steps[:, :1]))], 1)  # (B, T, A)
+        prev, valid = dy.shift_actions(all_acts)  # a_{t−1} at frame t
+        history = []
+        for t in range(T_c):
+            noise = torch.randn(clean[:, t:t + 1].shape, generator=gen)
+            history.append(dy.corrupt(noise, clean[:, t:t + 1], tau_c))
+        want = []
+        for t in range(T_c, T_c + steps.shape[1]):
+            def f(z, tau, d):
+                x = torch.cat(history + [z], 1)  # (B, t + 1, N_z, C_z)
+                taus = torch.full(x.shape[:2], tau_c)
+                taus[:, -1] = tau
+                ds = torch.full(x.shape[:2], 1 / 64)
+                ds[:, -1] = d
+                return dyn(x, taus, ds, prev[:, :t + 1], valid[:, :t + 1])[:, -1:]
+            z = dy.sample_frame(f, torch.randn(clean[:, :1].shape, generator=gen), k)
+            want.append(z)
+            history.append(dy.corrupt(torch.randn(z.shape, generator=gen), z, tau_c))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_dream_is_the_same_with_the_agent_token():
+    """The world tokens never see the agent token: an agent checkpoint dreams the same frames."""
+    tok, dyn = tiny_world()
+    agent = ag.AgentModel(dyn, n_tasks=len(env.TASKS), head_hidden=16, mtp=2, bins=255).eval()
+    _, frames, acts = play.real_start([play.world_seed(0, 0)], 32, 2)
+    out = []
+    for model in (dyn, agent):
+        dream = play.Dream(model, tok, 4, 0.9, seed=3, device="cpu")
+        shown = [dream.start(frames, acts)] + [dream.step(np.array([[m, 0, 0, 0]]))
+                                                for m in (1, 4, 0)]
+        out.append(np.stack(shown))
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_agent_acts_in_the_dream_with_valid_actions():
+    tok, dyn = tiny_world()
+    agent = ag.AgentModel(dyn, n_tasks=len(env.TASKS), head_hidden=16, mtp=2, bins=255).eval()
+    _, frames, acts = play.real_start([play.world_seed(0, 0)], 32, 2)
+    dream = play.Dream(agent, tok, 4, 0.9, seed=3, device="cpu")
+    dream.start(frames, acts)
+    for _ in range(3):
+        a = dream.act()
+        assert a.shape == (1, len(CLASSES)) and ((a >= 0) & (a < CLASSES)).all()
+        dream.step(a)
+
+
+@pytest.fixture
+def calm_world(monkeypatch):
+    """The real environment without its chance events: the creature stays put and steals
+    nothing, no tree regrows."""
+    for name in ("P_CREATURE_MOVE", "P_STEAL", "P_REGROW"):
+        monkeypatch.setattr(env, name, 0.0)
+
+
+@pytest.mark.parametrize("task", list(play.TASKS))
+def test_planned_scripts_reach_their_task_in_a_calm_real_world(calm_world, task):
+    """Without chance events, every planned script does what it says in the real environment,
+    and task_done reads it off the frame (and not off the frame before the script)."""
+    for i in range(20):
+        e = env.Env(32, episode_len=1 << 30)
+        first = e.reset(play.world_seed(1, i))
+        script = play.plan_script(first, task)
+        assert script is not None
+        for a in script:
+            last = e.step(a)[0]
+        assert play.task_done(last[None], task)[0], f"world {i}: {task} failed"
+        assert not play.task_done(first[None], task)[0]
+
+
+def test_task_done_reads_a_table_and_wood_off_real_frames():
+    e = env.Env(32, episode_len=1 << 30)
+    e.reset(play.world_seed(0, 0))
+    e.inv[env.WOOD] = 1
+    assert play.task_done(e.render()[None], "chop_tree")[0]
+    assert not play.task_done(e.render()[None], "place_table")[0]
+    free = tuple(np.argwhere(e.grid == env.GRASS)[0])
+    e.grid[free] = env.TABLE
+    assert play.task_done(e.render()[None], "place_table")[0]
+
+
+# ---- The command line at --preset smoke ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_dynamics(smoke_tokenizer, tmp_path_factory):
+    """A smoke world model on the session's smoke tokenizer (tests/conftest.py)."""
+    out = str(tmp_path_factory.mktemp("play") / "dyn")
+    run("dynamics.py", "--preset", "smoke", "--tokenizer", smoke_tokenizer[1], "--out", out,
+        "--eval-seqs", "0")
+    return os.path.join(out, "ckpt.pt")
+
+
+def test_scripted_play_writes_a_gif_of_dream_and_real_side_by_side(smoke_dynamics, tmp_path):
+    gif = str(tmp_path / "p.gif")
+    out = run("play.py", "--preset", "smoke", "--dynamics", smoke_dynamics, "--keys",
+              "right use*2", "--real", "--gif", gif, "--scale", "2")
+    im = Image.open(gif)
+    assert im.n_frames == 1 + 3  # the dream's start frame, then one per key
+    assert im.size == ((32 + 1 + 32) * 2, 32 * 2)  # dream | gap | real, scaled by 2
+    assert "frames/s" in out and "inventory in the real environment" in out
+
+
+def test_without_a_display_play_says_so_and_shows_the_script_command(smoke_dynamics, tmp_path):
+    import subprocess
+    import sys
+    environ = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    r = subprocess.run([sys.executable, "play.py", "--preset", "smoke", "--dynamics",
+                        smoke_dynamics, "--out", str(tmp_path)], cwd=os.path.dirname(
+                            os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, env={**environ, "MPLBACKEND": "agg"})
+    assert r.returncode != 0 and "no display" in r.stderr and "--keys" in r.stderr
+
+
+def test_interaction_test_writes_both_tasks(smoke_dynamics, tmp_path):
+    run("play.py", "--preset", "smoke", "--dynamics", smoke_dynamics, "--interaction",
+        "--out", str(tmp_path))
+    result = json.load(open(tmp_path / "interaction.json"))
+    for task in play.TASKS:
+        r = result["tasks"][task]
+        assert r["worlds"] + r["no_plan"] == 4
+        assert 0 <= r["dream_success"] <= 1 and 0 <= r["real_success"] <= 1
