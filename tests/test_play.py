@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import agent as ag
+import common
 import dynamics as dy
 import environment as env
 import play
@@ -193,3 +194,49 @@ def test_interaction_test_writes_both_tasks(smoke_dynamics, tmp_path):
         r = result["tasks"][task]
         assert r["worlds"] + r["no_plan"] == 4
         assert 0 <= r["dream_success"] <= 1 and 0 <= r["real_success"] <= 1
+
+
+def test_window_keys_make_frames_and_take_control_back_from_the_agent(monkeypatch, tmp_path):
+    """The window's key handling on a non-interactive canvas: a key press makes a frame with
+    its action, Tab hands control to the agent (the timer then steps with the agent's action),
+    any key takes it back, and the GIF holds every frame shown."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase, KeyEvent
+
+    class Timer:  # the timer of a real backend, fired by hand
+        def __init__(self):
+            self.callbacks = []
+
+        def add_callback(self, f):
+            self.callbacks.append(f)
+
+        def start(self):
+            timers.append(self)
+
+    timers = []
+    monkeypatch.setattr(FigureCanvasBase, "new_timer", lambda self, *a, **k: Timer())
+    tok, dyn = tiny_world()
+    agent = ag.AgentModel(dyn, n_tasks=len(env.TASKS), head_hidden=16, mtp=2, bins=255).eval()
+    dream = play.Dream(agent, tok, 2, 0.9, seed=0, device="cpu")
+    actions = []
+    step = dream.step
+    monkeypatch.setattr(dream, "step", lambda a: actions.append(a[0].tolist()) or step(a))
+
+    def show():
+        canvas = plt.gcf().canvas
+        for key in ("right", "tab", None, "e", None, "escape"):
+            if key is None:  # a timer tick
+                timers[0].callbacks[0]()
+                continue
+            for name in ("key_press_event", "key_release_event"):
+                canvas.callbacks.process(name, KeyEvent(name, canvas, key))
+
+    monkeypatch.setattr(plt, "show", show)
+    a = common.parse_args(play.Args, play.PRESETS,
+                          ["--preset", "smoke", "--gif", str(tmp_path / "w.gif")])
+    play.play_window(a, dream, 32)
+    assert len(actions) == 3  # right; the agent's action on the tick; use (and no agent after it)
+    assert actions[0] == [4, 0, 0, 0] and actions[2] == [0, 1, 0, 0]
+    assert Image.open(tmp_path / "w.gif").n_frames == 1 + 3
