@@ -886,6 +886,12 @@ def _same_path(x: str, y: str) -> bool:
     return os.path.abspath(x) == os.path.abspath(y)
 
 
+def parent_path(child: str, stored: str) -> str:
+    """The path of a parent checkpoint as a child checkpoint `child` stores it: absolute in a run
+    folder, relative to the child's own folder in the shipped models (models.py)."""
+    return stored if os.path.isabs(stored) else os.path.join(os.path.dirname(child), stored)
+
+
 def command_for(script: str, cls, presets: dict, run_dir: str, recorded: dict | None = None) -> str:
     """The command that (re)writes the run folder `run_dir` of `script` (e.g. "tokenizer.py"),
     with the run's own flags: its preset and the values that differ from that preset, read from

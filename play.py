@@ -231,11 +231,11 @@ def load_world(a: Args, device):
     Stops with a clear message if it is not a model of the built-in world."""
     if a.agent:
         model, ckpt = ag.load_agent(a.agent, device)
-        tok_path = a.tokenizer or ckpt["tokenizer"]
+        tok_path = a.tokenizer or common.parent_path(a.agent, ckpt["tokenizer"])
         ctx_tau = ckpt["args"]["ctx_tau"]
     else:
         model, ckpt = dy.load_dynamics(a.dynamics, device)
-        tok_path = a.tokenizer or ckpt["parent"]["path"]
+        tok_path = a.tokenizer or common.parent_path(a.dynamics, ckpt["parent"]["path"])
         ctx_tau = ckpt["args"]["ctx_tau"]
     tok, _ = load_tokenizer(tok_path, device)
     classes = [n for _, n in env.ACTION_COMPONENTS]
@@ -478,19 +478,22 @@ def plan_script(frame: np.ndarray, task: str) -> list | None:
     return actions
 
 
-def task_done(frames: np.ndarray, task: str) -> np.ndarray:
-    """Read the outcome off frames (B, H, W, 3) in 0…255 (nearest sprite, dynamics_eval): wood in
-    the inventory (chop_tree), or a table on the map (place_table). Returns (B,) bool."""
-    state = de.read_frames(frames)
+def task_done(start: np.ndarray, end: np.ndarray, task: str) -> np.ndarray:
+    """Read the outcome off frames (B, H, W, 3) in 0…255 (nearest sprite, dynamics_eval): more
+    wood in the inventory at `end` than at `start` (chop_tree), or more tables on the map
+    (place_table). Relative to each world's own start, so a picture that shows wood or a table
+    all along does not count. Returns (B,) bool."""
+    s, e = de.read_frames(start), de.read_frames(end)
     if task == "chop_tree":
-        return state["inv"][:, env.WOOD] >= 1
-    return (state["app"] == env.TABLE).any((1, 2))
+        return e["inv"][:, env.WOOD] > s["inv"][:, env.WOOD]
+    return (e["app"] == env.TABLE).sum((1, 2)) > (s["app"] == env.TABLE).sum((1, 2))
 
 
 def interaction_test(a: Args, dream: Dream, size: int) -> dict:
     """Each task in `a.worlds` evaluation worlds: the script planned on the last real context
     frame, played in the real environment and (all worlds at once) in the dream from the same
-    context; success read off the frame after the script's last action, the same way in both."""
+    context; success read off the frame after the script's last action against the script's
+    first frame, the same way in both."""
     result = {}
     for task in TASKS:
         seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
@@ -503,11 +506,12 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
         L = max(len(s) for s in scripts)
         padded = np.stack([np.stack(s + [NOOP] * (L - len(s))) for s in scripts])  # (B, L, A)
         t0 = time.time()
-        dream.start(frames, acts)
+        dream_start = dream.start(frames, acts)  # (B, H, W, 3): the dream's last real frame
         dreamed = np.stack([dream.step(padded[:, t]) for t in range(L)], 1)  # (B, L, H, W, 3)
         wall = time.time() - t0
         dream_end = dreamed[np.arange(len(scripts)), [len(s) - 1 for s in scripts]]
-        real_ok, dream_ok = task_done(real_end, task), task_done(dream_end, task)
+        real_ok = task_done(frames[:, -1], real_end, task)
+        dream_ok = task_done(dream_start, dream_end, task)
         result[task] = {
             "worlds": len(scripts), "no_plan": a.worlds - len(scripts),
             "script_len_mean": float(np.mean([len(s) for s in scripts])),

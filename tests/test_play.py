@@ -138,19 +138,22 @@ def test_planned_scripts_reach_their_task_in_a_calm_real_world(calm_world, task)
         assert script is not None
         for a in script:
             last = e.step(a)[0]
-        assert play.task_done(last[None], task)[0], f"world {i}: {task} failed"
-        assert not play.task_done(first[None], task)[0]
+        assert play.task_done(first[None], last[None], task)[0], f"world {i}: {task} failed"
+        assert not play.task_done(first[None], first[None], task)[0]
 
 
-def test_task_done_reads_a_table_and_wood_off_real_frames():
+def test_task_done_counts_wood_and_tables_gained_since_the_start():
     e = env.Env(32, episode_len=1 << 30)
-    e.reset(play.world_seed(0, 0))
+    start = e.reset(play.world_seed(0, 0))[None]
     e.inv[env.WOOD] = 1
-    assert play.task_done(e.render()[None], "chop_tree")[0]
-    assert not play.task_done(e.render()[None], "place_table")[0]
-    free = tuple(np.argwhere(e.grid == env.GRASS)[0])
-    e.grid[free] = env.TABLE
-    assert play.task_done(e.render()[None], "place_table")[0]
+    wood = e.render()[None]
+    assert play.task_done(start, wood, "chop_tree")[0]
+    assert not play.task_done(wood, wood, "chop_tree")[0]  # wood all along is no success
+    assert not play.task_done(start, wood, "place_table")[0]
+    e.grid[tuple(np.argwhere(e.grid == env.GRASS)[0])] = env.TABLE
+    table = e.render()[None]
+    assert play.task_done(wood, table, "place_table")[0]
+    assert not play.task_done(table, table, "place_table")[0]
 
 
 # ---- The command line at --preset smoke ----------------------------------------------------------
