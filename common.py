@@ -886,6 +886,28 @@ def _same_path(x: str, y: str) -> bool:
     return os.path.abspath(x) == os.path.abspath(y)
 
 
+def bootstrap_ci(groups: list, n_boot: int = 4000, level: float = 0.95, seed: int = 0,
+                 paired: list | None = None) -> dict:
+    """A two-level bootstrap interval of a mean over seeds of means over worlds (not in paper).
+
+    groups: one array per training seed of per-world outcomes (e.g. success 0/1). Each
+    bootstrap draw resamples the seeds with replacement, then the worlds within each drawn seed,
+    so the interval carries both the seed-to-seed and the world-to-world spread. paired: the
+    same shape as groups, another policy's outcomes on the same worlds; then the statistic is the
+    mean of groups − paired, resampled world by world together. Returns {"mean", "lo", "hi"}.
+    """
+    rng = np.random.default_rng(seed)
+    x = [np.asarray(g, float) - (0 if paired is None else np.asarray(p, float))
+         for g, p in zip(groups, paired or [None] * len(groups))]  # per seed: (worlds,)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        seeds = rng.integers(len(x), size=len(x))
+        stats[b] = np.mean([x[s][rng.integers(len(x[s]), size=len(x[s]))].mean() for s in seeds])
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(stats, [tail, 100 - tail])
+    return {"mean": float(np.mean([v.mean() for v in x])), "lo": float(lo), "hi": float(hi)}
+
+
 def parent_path(child: str, stored: str) -> str:
     """The path of a parent checkpoint as a child checkpoint `child` stores it: absolute in a run
     folder, relative to the child's own folder in the shipped models (models.py)."""

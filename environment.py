@@ -486,11 +486,13 @@ def rollout(policy, seeds: list[int], image_size: int = 64, episode_len: int = 2
 
 # ==== Scoring a policy ==========================================================================
 def success_rates(rewards: np.ndarray) -> dict:
-    """rewards (E, T, n_tasks) -> {task: {"rate", "stderr"}}: share of episodes reaching it,
-    stderr √(p(1 − p)/E)."""
+    """rewards (E, T, n_tasks) -> {task: {"rate", "stderr", "hits"}}: share of episodes reaching
+    it, stderr √(p(1 − p)/E), and the outcome of each episode (0/1, in world order: the same
+    worlds for every policy, so two policies can be compared world by world)."""
     hit = rewards.max(1) > 0  # (E, n_tasks)
     p, n = hit.mean(0), len(hit)
-    return {k: {"rate": float(p[j]), "stderr": float(np.sqrt(p[j] * (1 - p[j]) / n))}
+    return {k: {"rate": float(p[j]), "stderr": float(np.sqrt(p[j] * (1 - p[j]) / n)),
+                "hits": hit[:, j].astype(int).tolist()}
             for j, k in enumerate(TASKS)}
 
 

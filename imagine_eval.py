@@ -446,12 +446,24 @@ def save_rollout_picture(trace: dict, i: int, task: str, out: str) -> None:
 # ==============================================================================================
 
 
+# The claims the table makes: each pair's difference must have an interval that excludes 0.
+CLAIMS = [("WM+BC", "BC (scratch)"), ("Dreamer 4", "WM+BC"), ("Dreamer 4", "BC (scratch)")]
+
+
 def make_table(runs: list[str], out: str) -> dict:
     """The README table: success per task, mean ± std (ddof = 1) over the training seeds of
-    `runs`. Writes table.md, table.json and table.png into `out`; returns the table."""
+    `runs`, and where the runs kept each world's outcome, a 95 % interval from a bootstrap over
+    seeds and worlds (common.bootstrap_ci) and, for each pair of CLAIMS, the interval of the
+    difference on the same worlds: a claim holds only where it excludes 0.
+    Writes table.md, table.json and table.png into `out`; returns the table."""
     summaries = [json.load(open(os.path.join(r, "summary.json"))) for r in runs]
     names = [n for n in POLICY_ORDER if all(n in s.get("success", {}) for s in summaries)]
     tasks = list(summaries[0]["success"][names[0]])
+    with_hits = all("hits" in s["success"][n][k] for s in summaries for n in names for k in tasks)
+
+    def hits(n, k):  # per seed: each world's outcome, in %
+        return [100 * np.asarray(s["success"][n][k]["hits"]) for s in summaries]
+
     table = {}
     for n in names:
         table[n] = {}
@@ -459,28 +471,52 @@ def make_table(runs: list[str], out: str) -> dict:
             v = [100 * s["success"][n][k]["rate"] for s in summaries]
             std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
             table[n][k] = {"mean": float(np.mean(v)), "std": std, "values": v}
+            if with_hits:
+                table[n][k]["ci95"] = common.bootstrap_ci(hits(n, k))
+    claims = {}
+    for a_, b_ in (c for c in CLAIMS if with_hits and c[0] in names and c[1] in names):
+        for k in tasks:
+            ci = common.bootstrap_ci(hits(a_, k), paired=hits(b_, k))
+            claims[f"{a_} − {b_}: {k}"] = {**ci, "separated": ci["lo"] > 0 or ci["hi"] < 0}
     eps = sorted({s["eval_episodes"] for s in summaries})
-    lines = [f"Real-environment success (% of episodes), mean ± std over {len(runs)} training "
+    how = ("mean [95 % interval, bootstrap over seeds and worlds]" if with_hits
+           else "mean ± std")
+    lines = [f"Real-environment success (% of episodes), {how} over {len(runs)} training "
              f"seeds, {'/'.join(map(str, eps))} held-out worlds per seed and policy.", "",
              "| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for k in tasks:
-        cells = [f"{table[n][k]['mean']:.1f} ± {table[n][k]['std']:.1f}" for n in names]
+        if with_hits:
+            cells = [f"{table[n][k]['mean']:.1f} [{table[n][k]['ci95']['lo']:.1f}, "
+                     f"{table[n][k]['ci95']['hi']:.1f}]" for n in names]
+        else:
+            cells = [f"{table[n][k]['mean']:.1f} ± {table[n][k]['std']:.1f}" for n in names]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if claims:
+        lines += ["", "Differences on the same worlds (points, 95 % interval); a claim holds "
+                  "only where the interval excludes 0:", ""]
+        lines += [f"- {c}: {r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}]"
+                  f"{'' if r['separated'] else ' (not separated)'}" for c, r in claims.items()]
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "table.md"), "w").write("\n".join(lines) + "\n")
-    common.write_json(os.path.join(out, "table.json"), {"runs": runs, "table": table})
+    common.write_json(os.path.join(out, "table.json"), {"runs": runs, "table": table,
+                                                         "claims": claims})
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10, 3.6))
     w = 0.8 / len(names)
     for i, n in enumerate(names):
         x = np.arange(len(tasks)) + (i - (len(names) - 1) / 2) * w
-        ax.bar(x, [table[n][k]["mean"] for k in tasks], w,
-               yerr=[table[n][k]["std"] for k in tasks], capsize=2, label=n)
+        mean = np.array([table[n][k]["mean"] for k in tasks])
+        if with_hits:  # the 95 % interval, asymmetric
+            err = [mean - [table[n][k]["ci95"]["lo"] for k in tasks],
+                   np.array([table[n][k]["ci95"]["hi"] for k in tasks]) - mean]
+        else:
+            err = [table[n][k]["std"] for k in tasks]
+        ax.bar(x, mean, w, yerr=err, capsize=2, label=n)
     ax.set_xticks(range(len(tasks)), [k.replace("_", "\n") for k in tasks], fontsize=7)
     ax.set_ylabel("success (% of episodes)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
-    ax.set_title(f"real-environment success per task, mean ± std over {len(runs)} training "
+    ax.set_title(f"real-environment success per task, {how} over {len(runs)} training "
                  f"seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "table.png"), dpi=100)

@@ -760,10 +760,16 @@ def test_the_seed_table_gives_mean_and_std_over_runs(smoke_agent, smoke_run):
     run("imagine_eval.py", "--table", f"{full},{full}", "--out", table)
     for f in ("table.md", "table.json", "table.png"):
         assert os.path.exists(os.path.join(table, f)), f
-    t = json.load(open(os.path.join(table, "table.json")))["table"]
+    saved = json.load(open(os.path.join(table, "table.json")))
+    t = saved["table"]
     assert t["Dreamer 4"]["collect_wood"]["std"] == 0
     wood = s["success"]["Dreamer 4"]["collect_wood"]["rate"]
     assert t["Dreamer 4"]["collect_wood"]["mean"] == pytest.approx(100 * wood)
+    ci = t["Dreamer 4"]["collect_wood"]["ci95"]
+    assert ci["lo"] <= 100 * wood <= ci["hi"]
+    # a policy against itself: difference 0 on every world, never a claim
+    same = saved["claims"]["Dreamer 4 − WM+BC: collect_wood"]
+    assert same["separated"] == (same["lo"] > 0 or same["hi"] < 0)
 
 
 def test_the_gpu_mixed_precision_path_trains_and_evaluates_every_stage(smoke_agent, monkeypatch):
