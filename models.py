@@ -39,10 +39,11 @@ def half(state: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def export(runs: str, out: str, agent_run: str = "imagine") -> dict:
+def export(runs: str, out: str, agent_run: str = "imagine", commits: str = "") -> dict:
     """Write out/{tokenizer,dynamics,agent}.pt from the run folders runs/tokenizer,
     runs/dynamics and runs/<agent_run> (imagine: the Dreamer 4 policy; agent: WM+BC), stripped
-    of the optimiser, in float16, and out/figures.json. Returns the figures."""
+    of the optimiser, in float16, and out/figures.json. commits: "stage=commit,…", the commits
+    the runs were trained at, recorded beside the commands. Returns the figures."""
     os.makedirs(out, exist_ok=True)
     paths = {"tokenizer": os.path.join(runs, "tokenizer", "ckpt.pt"),
              "dynamics": os.path.join(runs, "dynamics", "ckpt.pt"),
@@ -63,8 +64,9 @@ def export(runs: str, out: str, agent_run: str = "imagine") -> dict:
         "tokenizer": "tokenizer.pt",
         "parent": {"stage": "dynamics", "path": "dynamics.pt", "step": dyn["step"]},
         "trained_by": agt["stage"]})
+    here = os.path.dirname(os.path.abspath(__file__))  # the repository, wherever we run from
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, cwd=here).stdout.strip()
     figures = {"float32_run": measure(paths["tokenizer"], paths["dynamics"], paths["agent"]),
                "float16_export": measure(*(os.path.join(out, f) for f in FILES))}
     sizes = {f: os.path.getsize(os.path.join(out, f)) for f in FILES}
@@ -74,10 +76,11 @@ def export(runs: str, out: str, agent_run: str = "imagine") -> dict:
     made_by = {name: common.command_for(f"{name}.py", modules[name].Args, modules[name].PRESETS,
                                         os.path.join(runs, name))
                for name in dict.fromkeys(("tokenizer", "dynamics", "agent", agent_run))}
+    trained_at = dict(kv.split("=", 1) for kv in commits.split(",") if kv)
     record = {"runs": runs, "agent_run": agent_run, "exported_at_commit": commit,
-              "made_by": made_by,
+              "made_by": made_by, "trained_at_commit": trained_at,
               "steps": {"tokenizer": tok["step"], "dynamics": dyn["step"],
-                        "agent": agt["step"]},
+                        agent_run: agt["step"]},
               "bytes": sizes, **figures}
     common.write_json(os.path.join(out, "figures.json"), record)
     print(f"exported {', '.join(f'{f} ({sizes[f] / 1e6:.1f} MB)' for f in FILES)} to {out}")
@@ -160,8 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--agent-run", default="imagine", choices=["imagine", "agent"],
                    help="export: the agent's run folder (imagine: Dreamer 4; agent: WM+BC)")
     p.add_argument("--out", default="models/cpu", help="the folder of the shipped models")
+    p.add_argument("--commits", default="", help="export: the commits the runs were trained at, "
+                   "e.g. tokenizer=97ff1ec,dynamics=1b9e6cf")
     a = p.parse_args(argv)
-    export(a.runs, a.out, a.agent_run) if a.command == "export" else check(a.out)
+    export(a.runs, a.out, a.agent_run, a.commits) if a.command == "export" else check(a.out)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,11 @@ def test_check_fails_when_a_model_no_longer_reproduces_its_figures(smoke_runs, t
     torch.save(ckpt, path)
     with pytest.raises(SystemExit, match="dynamics_next_frame_psnr"):
         models.check(out)
+
+
+def test_the_shipped_cpu_models_load_and_reproduce_their_recorded_figures():
+    """models/cpu/ as committed: loadable with weights_only=True, the same figures."""
+    out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
+                       "cpu")
+    result = models.check(out)
+    assert set(result) == {"tokenizer_psnr", "dynamics_next_frame_psnr", "agent_action_nll"}
