@@ -9,12 +9,13 @@ key takes over. What was played goes to a GIF. The interaction test plans short 
 frame (chop a tree, place a table), plays them in the dream and in the real environment, and
 reads the outcome off the frames.
 
-Reads:  a dynamics checkpoint (`python dynamics.py`) or an agent checkpoint (`python agent.py`),
-        and its tokenizer.
+Reads:  a dynamics checkpoint (`python dynamics.py`, or the shipped models/cpu/dynamics.pt) or
+        an agent checkpoint (`python agent.py`, models/cpu/agent.pt), and its tokenizer.
 Writes: the GIF (--gif); with --interaction, <out>/interaction.json.
 
 Run:
-    python play.py --preset cpu                   # a window, one frame per key press
+    python play.py                                # the shipped model (models/cpu), a window
+    python play.py --preset cpu                   # your runs/cpu/dynamics, one frame per key
     python play.py --preset cpu --fps 20          # real time: the world goes on at 20 frames/s
     python play.py --preset cpu --real            # the real environment beside the dream
     python play.py --preset cpu --agent runs/cpu/agent/ckpt.pt   # watch the agent; a key takes over
@@ -55,8 +56,8 @@ from tokenizer import load_tokenizer, pack, unpack
 
 @dataclass
 class Args:
-    preset: str = "default"  # smoke | cpu | default: which run folders the checkpoints come from
-    dynamics: str = "runs/dynamics/ckpt.pt"  # the world model, written by `python dynamics.py`
+    preset: str = "default"  # smoke | cpu: runs/<preset>/dynamics; default: the shipped model
+    dynamics: str = "models/cpu/dynamics.pt"  # the world model: the shipped one, or a run's
     agent: str = ""  # an agent checkpoint (`python agent.py`): its world model, and it can act
     tokenizer: str = ""  # tokenizer checkpoint; empty = the world model's own
     out: str = "runs/play"  # where the GIF and interaction.json go
