@@ -545,10 +545,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.keys:
         return play_script(a, dream, parse_keys(a.keys), size)
     if not display_available():
+        preset = "" if a.preset == "default" else f" --preset {a.preset}"
         raise SystemExit(
             "play.py: no display here (no $DISPLAY, or a non-interactive matplotlib backend), "
             "so no window can open. Play a scripted key sequence instead; it writes a GIF:\n"
-            f"    python play.py --preset {a.preset} --keys \"right*2 use*3 noop*4\" --real")
+            f"    python play.py{preset} --keys \"right*2 use*3 noop*4\" --real")
     play_window(a, dream, size)
     return None
 
