@@ -202,13 +202,13 @@ class Dream:
 
     @torch.no_grad()
     def step(self, action: np.ndarray) -> np.ndarray:
-        """a_t (B, A) int → frame t + 1 (B, H, W, 3) uint8, imagined. (The action taken at the last
-        context frame is the one given to start.)"""
+        """a_t (B, A) int, taken at the latest frame t → frame t + 1 (B, H, W, 3) uint8, imagined.
+        At the first step, t is the last context frame: the player's key replaces the action
+        start() was given for it."""
         self.prev = torch.from_numpy(np.asarray(action, np.int64)).to(self.device)  # (B, A)
         B = self.prev.shape[0]
         shape = (B, 1, self.dyn.latent_tokens, self.dyn.latent_dim)
         noise = torch.randn(shape, generator=self.gen, device=self.device)  # z at τ = 0
-
         prev, valid = ag._step_inputs(self.model, self.prev, B, self.device)  # (B, 1, A), (B, 1)
 
         def f(z, tau, d):  # ẑ₁ of the new frame at (τ, d), reading the cached history
@@ -233,18 +233,17 @@ def load_world(a: Args, device):
     if a.agent:
         model, ckpt = ag.load_agent(a.agent, device)
         tok_path = a.tokenizer or common.parent_path(a.agent, ckpt["tokenizer"])
-        ctx_tau = ckpt["args"]["ctx_tau"]
     else:
         model, ckpt = dy.load_dynamics(a.dynamics, device)
         tok_path = a.tokenizer or common.parent_path(a.dynamics, ckpt["parent"]["path"])
-        ctx_tau = ckpt["args"]["ctx_tau"]
+    ctx_tau = ckpt["args"]["ctx_tau"]  # the history's signal level the model was trained with
     tok, _ = load_tokenizer(tok_path, device)
     classes = [n for _, n in env.ACTION_COMPONENTS]
     if list(model.action_classes) != classes:
         raise SystemExit(f"play.py plays the built-in world (actions {env.ACTION_COMPONENTS}); "
                          f"this world model has action classes {list(model.action_classes)}. "
-                         f"Train one on it: python data.py --preset {a.preset}, then the "
-                         f"tokenizer and dynamics stages with --preset {a.preset}.")
+                         f"Train one on it: python tokenizer.py --preset cpu && python "
+                         f"dynamics.py --preset cpu, then python play.py --preset cpu.")
     if not (a.sample_k & (a.sample_k - 1) == 0 and a.sample_k <= model.k_max):
         raise SystemExit(f"--sample-k must be a power of two ≤ {model.k_max}, got {a.sample_k}")
     return model, tok, ctx_tau
