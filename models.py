@@ -27,6 +27,8 @@ import agent as ag
 import common
 import dynamics as dy
 import environment as env
+import imagine
+import tokenizer
 from tokenizer import load_tokenizer, pack, psnr_of_mean_mse, unpack
 
 FILES = ("tokenizer.pt", "dynamics.pt", "agent.pt")
@@ -70,8 +72,6 @@ def export(runs: str, out: str, agent_run: str = "imagine", commits: str = "") -
     figures = {"float32_run": measure(paths["tokenizer"], paths["dynamics"], paths["agent"]),
                "float16_export": measure(*(os.path.join(out, f) for f in FILES))}
     sizes = {f: os.path.getsize(os.path.join(out, f)) for f in FILES}
-    import imagine
-    import tokenizer
     modules = {"tokenizer": tokenizer, "dynamics": dy, "agent": ag, "imagine": imagine}
     made_by = {name: common.command_for(f"{name}.py", modules[name].Args, modules[name].PRESETS,
                                         os.path.join(runs, name))
@@ -134,7 +134,6 @@ def measure(tok_path: str, dyn_path: str, agent_path: str) -> dict:
 def load_acting_agent(path: str) -> tuple:
     """The agent model of an agent.py, imagine.py or shipped checkpoint, and its arguments."""
     if torch.load(path, map_location="cpu", weights_only=True)["stage"] == "imagine":
-        import imagine
         model, _, ckpt = imagine.load_imagine(path)
         return model.eval(), ckpt["agent_args"]
     model, ckpt = ag.load_agent(path)
