@@ -617,7 +617,7 @@ def ladder_prompt(frames: np.ndarray, level: np.ndarray,
                   read=environment.decode_frames) -> np.ndarray:
     """Table 6's prompt ladder: the first task not yet achieved, read off the frames (B, H, W, 3);
     `level` (B,), the highest milestone so far (−1: none; a chain), is updated in place.
-    read: frames → {"app", "inv"}; the exact reader for real frames, dynamics_eval.read_frames
+    read: frames → {"app", "inv"}; the exact reader for real frames, environment.read_frames
     (nearest sprite) for generated ones (play.py)."""
     s = read(frames)
     inv, table = s["inv"], (s["app"] == environment.TABLE).any((1, 2))  # (B, 7), (B,)

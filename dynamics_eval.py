@@ -383,29 +383,9 @@ def save_pictures(ev: dict, true: torch.Tensor, generated: torch.Tensor, probe: 
 # The built-in frames are sprites on an 8 × 8 grid of tiles, so a frame can be parsed back into the
 # agent's tile, its facing and the inventory. environment.decode_frames needs the exact pixels of
 # Env's sprites, which a tokenizer decoder never reproduces: generated frames are read tile by
-# tile as the nearest sprite instead (`read_frames`), and a frame in which not exactly one tile
-# reads as the agent counts as wrong.
+# tile as the nearest sprite instead (`environment.read_frames`), and a frame in which not
+# exactly one tile reads as the agent counts as wrong.
 FOLLOW_WHAT = ("tile", "facing", "inventory")
-
-
-def read_frames(frames) -> dict:
-    """The state of frames (B, H_px, W_px, 3) with values in 0…255 (any dtype), read as the
-    nearest sprite (squared pixel distance) per map tile and per inventory slot. Returns app
-    (B, ROWS, COLS) appearance ids and inv (B, 7) counts, as environment.decode_frames."""
-    x = np.asarray(frames, np.float64)
-    B, H, W, _ = x.shape
-    s, bank = H // 8, environment._sprites(H)
-    cells = x.reshape(B, 8, s, 8, s, 3).transpose(0, 1, 3, 2, 4, 5)  # (B, 8, 8, s, s, 3)
-    cells = cells.reshape(B, 64, -1)  # (B, 64, s·s·3)
-    tiles = bank["tiles"].reshape(len(bank["tiles"]), -1).astype(np.float64)  # (34, s·s·3)
-    slots = bank["slots"][:7].reshape(7, environment.MAX_COUNT + 1, -1).astype(np.float64)
-    # ‖x − t‖² = ‖x‖² − 2·x·t + ‖t‖²; ‖x‖² is the same for every sprite, so it is left out
-    # (a product, not a (B, 56, 34, s·s·3) difference: that is gigabytes at 64 × 64)
-    d_tile = (tiles ** 2).sum(-1) - 2 * cells[:, :56] @ tiles.T  # (B, 56, 34)
-    cross = np.einsum("bkp,knp->bkn", cells[:, 56:63], slots)  # (B, 7, 5) slot · count sprite
-    d_slot = (slots ** 2).sum(-1) - 2 * cross  # (B, 7, 5)
-    return {"app": d_tile.argmin(-1).reshape(B, environment.ROWS, environment.COLS),
-            "inv": d_slot.argmin(-1)}
 
 
 def agent_of(app: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -425,7 +405,7 @@ def follow_hits(frames, real: np.ndarray) -> dict:
     (agent on the right tile), facing (right tile and facing), inventory (all 7 counts), each a
     (B, H) bool array."""
     B, H = real.shape[:2]
-    got = read_frames(np.asarray(frames).reshape(B * H, *real.shape[2:]))
+    got = environment.read_frames(np.asarray(frames).reshape(B * H, *real.shape[2:]))
     want = environment.decode_frames(real.reshape(B * H, *real.shape[2:]))  # exact: Env's pixels
     (cell, facing), (cell_r, facing_r) = agent_of(got["app"]), agent_of(want["app"])
     tile = (cell == cell_r) & (cell >= 0)  # (B·H,)
@@ -478,14 +458,15 @@ def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
                      recon: torch.Tensor) -> dict:
     """Does the generated agent go where the real one goes under the same actions (not in paper)?
 
-    The held-out windows of dynamics.evaluate, read back into a state (read_frames) per horizon
-    step: the K = sample_k rollout under the true actions and under the shuffled ones (reused,
-    not regenerated), copying the last context frame, and the tokenizer's reconstruction recon
-    (B, T, H_px, W_px, 3) of the real frames (a ceiling: a perfect dynamics model seen through
-    this decoder). The truth: the episode replayed in environment.Env under the same actions
-    (data.simulate_future with the episode's own draws). The timing check generates two more
-    rollouts (evaluate's noise) under the window's actions shifted by ±1 frame (an off-by-one the
-    shuffle test misses), and steps the real environment under them, where they must differ."""
+    The held-out windows of dynamics.evaluate, read back into a state (environment.read_frames)
+    per horizon step: the K = sample_k rollout under the true actions and under the shuffled
+    ones (reused, not regenerated), copying the last context frame, and the tokenizer's
+    reconstruction recon (B, T, H_px, W_px, 3) of the real frames (a ceiling: a perfect dynamics
+    model seen through this decoder). The truth: the episode replayed in environment.Env under
+    the same actions (data.simulate_future with the episode's own draws). The timing check
+    generates two more rollouts (evaluate's noise) under the window's actions shifted by ±1 frame
+    (an off-by-one the shuffle test misses), and steps the real environment under them, where
+    they must differ."""
     meta, Tc, H = held.meta, a.eval_context, a.eval_horizon
     if ro["actions"] is None or meta.get("generator") != data.GENERATOR \
             or meta.get("tasks") != environment.TASKS:
@@ -517,7 +498,7 @@ def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
     gen = ro["pixels"][f"k{k}"]  # (B, H, H_px, W_px, 3) in 0…1
     flat = gen.flatten(0, 1).cpu().numpy()  # (B·H, H_px, W_px, 3) in 0…1
     # Whether the agent is drawn at all tells "not drawn" from "drawn on the wrong tile".
-    found = agent_of(read_frames(flat * 255)["app"])[0] >= 0  # (B·H,)
+    found = agent_of(environment.read_frames(flat * 255)["app"])[0] >= 0  # (B·H,)
     out = {"follow_exact_parse_share": exact_parse_share(flat),
            "follow_agent_found_share": float(found.mean())}
     for prefix, frames in candidates.items():

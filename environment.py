@@ -324,6 +324,27 @@ def decode_frames(frames: np.ndarray) -> dict:
     return {"app": tile_eq.argmax(-1).reshape(B, ROWS, COLS), "inv": slot_eq.argmax(-1)}
 
 
+def read_frames(frames) -> dict:
+    """The state of frames (B, H_px, W_px, 3) with values in 0…255 (any dtype), read as the
+    nearest sprite (squared pixel distance) per map tile and per inventory slot. Returns app
+    (B, ROWS, COLS) appearance ids and inv (B, 7) counts, as decode_frames (which needs the exact
+    pixels): for generated and reconstructed frames."""
+    x = np.asarray(frames, np.float64)
+    B, H, W, _ = x.shape
+    s, bank = H // 8, _sprites(H)
+    cells = x.reshape(B, 8, s, 8, s, 3).transpose(0, 1, 3, 2, 4, 5)  # (B, 8, 8, s, s, 3)
+    cells = cells.reshape(B, 64, -1)  # (B, 64, s·s·3)
+    tiles = bank["tiles"].reshape(len(bank["tiles"]), -1).astype(np.float64)  # (34, s·s·3)
+    slots = bank["slots"][:7].reshape(7, MAX_COUNT + 1, -1).astype(np.float64)
+    # ‖x − t‖² = ‖x‖² − 2·x·t + ‖t‖²; ‖x‖² is the same for every sprite, so it is left out
+    # (a product, not a (B, 56, 34, s·s·3) difference: that is gigabytes at 64 × 64)
+    d_tile = (tiles ** 2).sum(-1) - 2 * cells[:, :56] @ tiles.T  # (B, 56, 34)
+    cross = np.einsum("bkp,knp->bkn", cells[:, 56:63], slots)  # (B, 7, 5) slot · count sprite
+    d_slot = (slots ** 2).sum(-1) - 2 * cross  # (B, 7, 5)
+    return {"app": d_tile.argmin(-1).reshape(B, ROWS, COLS),
+            "inv": d_slot.argmin(-1)}
+
+
 # ==== Players (random; contractors of mixed skill) and rollouts in the real environment =======
 class RandomPolicy:
     """Uniform over the classes of every action component (the paper's random baseline)."""

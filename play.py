@@ -161,7 +161,7 @@ class Dream:
         τ_ctx. For an agent, first its prompt, read off the frames (B, H, W, 3) as they look."""
         B = z.shape[0]
         if self.is_agent:  # Table 6's prompt ladder, read off the dream's own frames
-            prompt = ag.ladder_prompt(frames, self.level, read=de.read_frames)  # (B,)
+            prompt = ag.ladder_prompt(frames, self.level, read=env.read_frames)  # (B,)
             task = torch.from_numpy(prompt).to(self.device)  # (B,)
             if self.task is not None:  # a new prompt: re-read the cached context (agent.py)
                 ag.reprompt(self.model, self.cache, self.record, task, task != self.task,
@@ -310,7 +310,7 @@ def play_script(a: Args, dream: Dream, script: list, size: int) -> dict:
     wall = time.time() - t0
     gif = a.gif or os.path.join(a.out, "play.gif")
     write_gif(gif, pictures, a.fps)
-    state = de.read_frames(np.stack([shown] + ([real] if a.real else [])))
+    state = env.read_frames(np.stack([shown] + ([real] if a.real else [])))
     out = {"frames": len(script), "frames_per_s": len(script) / max(wall, 1e-9), "gif": gif,
            "dream_inventory": dict(zip(env.INVENTORY, state["inv"][0].tolist()))}
     if a.real:
@@ -483,7 +483,7 @@ def task_done(start: np.ndarray, end: np.ndarray, task: str) -> np.ndarray:
     wood in the inventory at `end` than at `start` (chop_tree), or more tables on the map
     (place_table). Relative to each world's own start, so a picture that shows wood or a table
     all along does not count. Returns (B,) bool."""
-    s, e = de.read_frames(start), de.read_frames(end)
+    s, e = env.read_frames(start), env.read_frames(end)
     if task == "chop_tree":
         return e["inv"][:, env.WOOD] > s["inv"][:, env.WOOD]
     return (e["app"] == env.TABLE).sum((1, 2)) > (s["app"] == env.TABLE).sum((1, 2))

@@ -26,6 +26,7 @@ import torch
 
 import common
 import data
+import environment
 import tokenizer
 
 
@@ -127,6 +128,40 @@ def collapse_warning(who: str, recall: float, ratio: float, means: str, advice: 
           f"\n!! Try: {advice}\n{bar}")
 
 
+# The kinds of tile of the built-in world (environment.py's appearance ids, [lo, hi)).
+SPRITE_KINDS = {"terrain": (0, environment.TABLE),
+                "table": (environment.TABLE, environment.TABLE + 1),
+                "agent": (environment.AGENT_APP, environment.CREATURE_APP),
+                "creature": (environment.CREATURE_APP, environment.CRACK_APP),
+                "crack": (environment.CRACK_APP, 1 << 30)}
+
+
+def sprite_recall(true: np.ndarray, recon: np.ndarray) -> dict:
+    """What the reconstruction keeps of the built-in world (not in paper): for each kind of tile
+    (terrain, table, agent, creature, a tile being mined with its crack), the share of the real
+    frames' tiles of that kind drawn as the same sprite (nearest sprite,
+    environment.read_frames), and the share of non-empty inventory slots read back with the
+    right count. A tokenizer that drops a rare sprite leaves the world model nothing to learn it
+    from. true, recon: (M, H, W, 3) in 0…255. Empty for frames Env did not render."""
+    H, W = true.shape[1:3]
+    if H != W or H % 8:
+        return {}  # not a frame of the 8 × 8 tile grid
+    try:
+        want = environment.decode_frames(np.round(true).astype(np.uint8))
+    except (ValueError, AssertionError):  # not Env's pixels, or a size its sprites do not fit
+        return {}
+    got = environment.read_frames(recon)
+    same = got["app"] == want["app"]  # (M, ROWS, COLS)
+    out = {}
+    for name, (lo, hi) in SPRITE_KINDS.items():
+        kind = (want["app"] >= lo) & (want["app"] < hi)  # (M, ROWS, COLS)
+        out[f"sprite_recall_{name}"] = float(same[kind].mean()) if kind.any() else None
+    held = want["inv"] > 0  # (M, 7) slots with something in them
+    right = got["inv"] == want["inv"]
+    out["sprite_recall_inventory"] = float(right[held].mean()) if held.any() else None
+    return out
+
+
 @torch.no_grad()
 def moving_pixel_figures(model: tokenizer.Tokenizer, loader, batches: int, batch_size: int,
                          device, seed: int) -> dict:
@@ -159,6 +194,13 @@ def moving_pixel_figures(model: tokenizer.Tokenizer, loader, batches: int, batch
     out["motion_recall_recon"], out["motion_ratio_recon"] = motion["recall"], motion["ratio"]
     out["motion_ratio_latent"] = latent_motion_ratio(z, x)
     out["collapse_alarm"] = motion["recall"] is not None and motion["recall"] < COLLAPSE_RECALL
+    flat = x.shape[0] * x.shape[1]
+    out.update(sprite_recall(x.reshape(flat, *x.shape[2:]).numpy() * 255,
+                             r.reshape(flat, *r.shape[2:]).numpy() * 255))
+    if "sprite_recall_crack" in out:
+        print("sprites drawn back: " + ", ".join(
+            f"{k[len('sprite_recall_'):]} {fmt(v)}" for k, v in out.items()
+            if k.startswith("sprite_recall_")))
     print(f"moving pixels ({out['changed_pixel_frac']:.2%} change): PSNR on them recon "
           f"{fmt(out['recon_psnr_changed_db'])} dB vs copy of the previous frame "
           f"{fmt(out['copy_psnr_changed_db'])} dB | static recon "

@@ -11,7 +11,8 @@ import torch
 
 import data
 import environment
-from dynamics_eval import follow_hits, read_frames, shift_window
+from dynamics_eval import follow_hits, shift_window
+from environment import read_frames
 
 SIZE, T = 32, 12  # 32×32 frames (4 pixels per tile), frames per hand-made episode
 SEED = environment.episode_seed(0, "data", 0)  # the world of dataset episode ep000000

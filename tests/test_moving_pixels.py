@@ -203,3 +203,47 @@ def test_dynamics_changed_pixel_psnr_tells_a_frozen_rollout_from_a_good_one():
     # frozen: exact on the first step's static pixels, wrong wherever the square moved
     assert frozen["psnr_static_k4_per_horizon"][0] == 100.0 and frozen["psnr_changed_k4"] < 20.0
     assert good["psnr_changed_k4"] == 100.0
+
+
+# ---- sprite_recall: which kinds of tile a reconstruction keeps (built-in world) ------------------
+
+
+def frames_with_cracks():
+    """Real 32×32 frames of one world in which the agent mines a tree: (T, H, W, 3) uint8, and
+    the same frames with every crack painted over by the plain sprite of its terrain."""
+    import environment as env
+    e = env.Env(32, episode_len=1 << 30)
+    frames = [e.reset(env.episode_seed(0, "eval", 0))]
+    tree = tuple(np.argwhere(e.grid == env.TREE)[0])
+    e.agent, e.facing = (tree[0], tree[1] - 1), 3  # stand left of the tree, facing it
+    if e.agent == e.creature or e.grid[e.agent] not in env.WALKABLE:
+        e.grid[e.agent] = env.GRASS
+        e.creature = tuple(np.argwhere(e.grid == env.GRASS)[-1])
+    for _ in range(env.HARDNESS[env.TREE]):
+        frames.append(e.step([0, 1, 0, 0])[0])
+    frames = np.stack(frames)
+    painted = frames.copy()
+    bank, s = env._sprites(32), 4
+    app = env.decode_frames(frames)["app"]
+    for t, r, c in np.argwhere(app >= env.CRACK_APP):
+        plain = env.MINABLE[(app[t, r, c] - env.CRACK_APP) // 4]
+        painted[t, r * s:(r + 1) * s, c * s:(c + 1) * s] = bank["tiles"][plain]
+    return frames, painted
+
+
+def test_sprite_recall_is_one_for_the_real_frames_themselves():
+    frames, _ = frames_with_cracks()
+    out = te.sprite_recall(frames.astype(float), frames.astype(float))
+    assert out["sprite_recall_crack"] == 1.0 and out["sprite_recall_terrain"] == 1.0
+
+
+def test_sprite_recall_sees_a_reconstruction_that_drops_the_cracks():
+    frames, painted = frames_with_cracks()
+    out = te.sprite_recall(frames.astype(float), painted.astype(float))
+    assert out["sprite_recall_crack"] == 0.0
+    assert out["sprite_recall_terrain"] == 1.0 and out["sprite_recall_agent"] == 1.0
+
+
+def test_sprite_recall_is_empty_for_frames_of_another_world():
+    noise = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(float)
+    assert te.sprite_recall(noise, noise) == {}
