@@ -260,8 +260,9 @@ class AgentModel(nn.Module):
 # ---- Stepping with the KV cache: observe a real frame or imagine one (acting, imagine.py) --------
 
 
-def _step_inputs(model: AgentModel, prev_action, B: int, device):
-    """(B, 1, A) previous actions (zeros where unknown) and (B, 1) validity for one new frame."""
+def step_inputs(model, prev_action, B: int, device):
+    """(B, 1, A) previous actions (zeros where unknown) and (B, 1) validity for one new frame.
+    model: an AgentModel or a DynamicsModel (play.py); only its action_classes are read."""
     if prev_action is None:  # frame 0 (or unknown): the "no action" embedding alone
         prev = torch.zeros(B, 1, len(model.action_classes), dtype=torch.long, device=device)
         return prev, torch.zeros(B, 1, dtype=torch.bool, device=device)
@@ -278,7 +279,7 @@ def observe(model: AgentModel, cache: common.KVCache, z: torch.Tensor, prev_acti
     tau_c, d_min = context_signal_level(ctx_tau, model.k_max), 1.0 / model.k_max
     noise = torch.randn(z[:, None].shape, generator=gen, device=dev)  # (B, 1, N_z, C_z)
     z_ctx = corrupt(noise, z[:, None].float(), tau_c)  # Eq 6 at τ_ctx: 10 % noise
-    prev, valid = _step_inputs(model, prev_action, B, dev)
+    prev, valid = step_inputs(model, prev_action, B, dev)
     tau, d = torch.full((B, 1), tau_c, device=dev), torch.full((B, 1), d_min, device=dev)
     _, h = model(z_ctx, tau, d, prev, valid, task, cache=cache, commit=True)
     if record is not None:
@@ -315,7 +316,7 @@ def imagine_frame(model: AgentModel, cache: common.KVCache, prev_action, task: t
     assert cache.kv, "imagine_frame needs a context: observe at least one frame first"
     keys = next(iter(cache.kv.values()))[0]  # (B·N, Hk, T_c, Dh)
     B, dev = keys.shape[0] // model.space_mask.shape[0], model.bins.device
-    prev, valid = _step_inputs(model, prev_action, B, dev)
+    prev, valid = step_inputs(model, prev_action, B, dev)
     shape = (B, 1, model.dyn.latent_tokens, model.dyn.latent_dim)
     noise = torch.randn(shape, generator=gen, device=dev)  # (B, 1, N_z, C_z)
 

@@ -77,6 +77,7 @@ HARDNESS = {TREE: 3, STONE: 4, IRON: 5, DIAMOND: 6}  # consecutive `use` presses
 RECIPES = [(WOOD_PICK, {WOOD: 1}, 2),  # (tool, cost, task)
            (STONE_PICK, {WOOD: 1, STONE_I: 1}, 4),
            (IRON_PICK, {WOOD: 1, IRON_I: 1}, 6)]
+MIN_IMAGE_SIZE = 32  # smaller tiles (2–3 pixels) cannot tell every sprite apart
 P_CREATURE_MOVE, P_STEAL, P_REGROW, MAX_TREES = 0.5, 0.1, 0.03, 10  # the stochastic parts
 
 
@@ -145,8 +146,8 @@ class Env:
     Same seed + same actions = same episode."""
 
     def __init__(self, image_size: int = 64, episode_len: int = 256):
-        assert image_size % 8 == 0 and image_size >= 16, \
-            f"image_size must be a multiple of 8, got {image_size}"
+        assert image_size % 8 == 0 and image_size >= MIN_IMAGE_SIZE, \
+            f"image_size must be a multiple of 8 and at least {MIN_IMAGE_SIZE}, got {image_size}"
         self.image_size, self.episode_len, self.t = image_size, episode_len, None
 
     def reset(self, seed: int) -> np.ndarray:

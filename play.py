@@ -143,7 +143,7 @@ class Dream:
 
     def _pass(self, z, tau: float, d: float, prev, valid, commit: bool):
         """One cached pass over the new frame z (B, 1, N_z, C_z) at (τ, d); prev (B, 1, A) and
-        valid (B, 1) from agent._step_inputs. Returns ẑ₁ (B, 1, N_z, C_z) and the agent output
+        valid (B, 1) from agent.step_inputs. Returns ẑ₁ (B, 1, N_z, C_z) and the agent output
         h_t (B, D), None without an agent."""
         B = z.shape[0]
         tau_t = torch.full((B, 1), tau, device=self.device)  # (B, 1)
@@ -167,7 +167,7 @@ class Dream:
                 ag.reprompt(self.model, self.cache, self.record, task, task != self.task,
                             self.ctx_tau)
             self.task = task
-        prev, valid = ag._step_inputs(self.model, prev_action, B, self.device)  # (B, 1, A), (B, 1)
+        prev, valid = ag.step_inputs(self.model, prev_action, B, self.device)  # (B, 1, A), (B, 1)
         noise = torch.randn(z.shape, generator=self.gen, device=self.device)  # (B, 1, N_z, C_z)
         z_ctx = dy.corrupt(noise, z, self.tau_c)  # Eq 6 at τ_ctx
         _, self.h = self._pass(z_ctx, self.tau_c, self.d_min, prev, valid, commit=True)
@@ -209,7 +209,7 @@ class Dream:
         B = self.prev.shape[0]
         shape = (B, 1, self.dyn.latent_tokens, self.dyn.latent_dim)
         noise = torch.randn(shape, generator=self.gen, device=self.device)  # z at τ = 0
-        prev, valid = ag._step_inputs(self.model, self.prev, B, self.device)  # (B, 1, A), (B, 1)
+        prev, valid = ag.step_inputs(self.model, self.prev, B, self.device)  # (B, 1, A), (B, 1)
 
         def f(z, tau, d):  # ẑ₁ of the new frame at (τ, d), reading the cached history
             return self._pass(z, tau, d, prev, valid, commit=False)[0]

@@ -144,11 +144,11 @@ def sprite_recall(true: np.ndarray, recon: np.ndarray) -> dict:
     right count. A tokenizer that drops a rare sprite leaves the world model nothing to learn it
     from. true, recon: (M, H, W, 3) in 0…255. Empty for frames Env did not render."""
     H, W = true.shape[1:3]
-    if H != W or H % 8:
-        return {}  # not a frame of the 8 × 8 tile grid
+    if H != W or H % 8 or H < environment.MIN_IMAGE_SIZE:
+        return {}  # not a size Env renders
     try:
         want = environment.decode_frames(np.round(true).astype(np.uint8))
-    except (ValueError, AssertionError):  # not Env's pixels, or a size its sprites do not fit
+    except ValueError:  # not Env's pixels: another dataset
         return {}
     got = environment.read_frames(recon)
     same = got["app"] == want["app"]  # (M, ROWS, COLS)

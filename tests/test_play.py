@@ -4,6 +4,8 @@ against the real environment; the command line end to end at --preset smoke."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,8 +181,6 @@ def test_scripted_play_writes_a_gif_of_dream_and_real_side_by_side(smoke_dynamic
 
 
 def test_without_a_display_play_says_so_and_shows_the_script_command(smoke_dynamics, tmp_path):
-    import subprocess
-    import sys
     environ = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     r = subprocess.run([sys.executable, "play.py", "--preset", "smoke", "--dynamics",
                         smoke_dynamics, "--out", str(tmp_path)], cwd=os.path.dirname(
