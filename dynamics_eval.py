@@ -18,6 +18,10 @@ dynamics.train calls `report` at its end. Re-evaluate a finished run folder (its
 model and data; the flags given here override its evaluation settings) and rewrite its
 summary.json and pictures:
     python dynamics_eval.py runs/cpu/dynamics --eval-seqs 128
+The world model that stage 2 finetuned (agent.py, phase 2: the same transformer trained on with the
+BC and reward terms beside the video loss) and that imagine.py trains the policy in, with the same
+figures, written to its own folder:
+    python dynamics_eval.py runs/cpu/dynamics --weights runs/cpu/agent/ckpt.pt
 """
 
 from __future__ import annotations
@@ -605,6 +609,22 @@ EVAL_FLAGS = {
 }
 
 
+def phase2_weights(model, weights: str, ckpt_path: str) -> dict:
+    """Load into `model` the world model of an agent checkpoint (its `dyn.` weights: the phase-2
+    transformer without the agent token, which the world tokens never attend to, so the frames it
+    predicts are the agent model's). Returns the summary keys that say whose weights these are."""
+    how = f"python agent.py --dynamics {ckpt_path} --out {os.path.dirname(weights)}"
+    ckpt = common.load_checkpoint(weights, "agent", how)
+    parent = ckpt["parent"]["path"]
+    if os.path.abspath(parent) != os.path.abspath(ckpt_path):
+        print(f"!! {weights} was finetuned from {parent}, not from {ckpt_path}: the figures "
+              f"compare it with the held-out windows and tokenizer of {ckpt_path}")
+    dyn = {k[len("dyn."):]: v for k, v in ckpt["model"].items() if k.startswith("dyn.")}
+    model.load_state_dict(dyn)
+    return {"weights": os.path.abspath(weights), "weights_stage": "agent (phase 2)",
+            "weights_step": ckpt["step"], "weights_from_scratch": ckpt["args"]["from_scratch"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Re-evaluate a finished dynamics run folder: "
                                      "rewrites its summary.json and pictures.")
@@ -612,8 +632,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (kind, text) in EVAL_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=text + " (default: the run's own)")
+    parser.add_argument("--weights", default="", help="an agent checkpoint (agent.py) finetuned "
+                        "from this run: measure its world model (phase 2) in place of the run's")
+    parser.add_argument("--out", default="", help="folder for summary.json and the pictures "
+                        "(default: the run folder; with --weights: <its folder>/world_model)")
     given = vars(parser.parse_args(argv))
-    run_dir = given.pop("run_dir")
+    run_dir, weights, out = given.pop("run_dir"), given.pop("weights"), given.pop("out")
+    out = out or (os.path.join(os.path.dirname(weights), "world_model") if weights else run_dir)
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
     preset = "default"
     if os.path.exists(os.path.join(run_dir, "args.json")):
@@ -623,18 +648,20 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = common.load_checkpoint(ckpt_path, "dynamics", how)
     fields = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
     typed = {k: v for k, v in given.items() if v is not None}
-    a = Args(**{**fields, **typed, "out": run_dir})  # written where the folder is now
+    a = Args(**{**fields, **typed, "out": out})  # written where the folder is now
+    os.makedirs(out, exist_ok=True)
 
     common.seed_everything(a.seed)
     device = common.pick_device(a.device, a.dtype)  # the run's dtype
     tok, _ = load_tokenizer(a.tokenizer, device)
     held = LatentCache(os.path.dirname(os.path.abspath(a.tokenizer)), "heldout", seed=a.seed + 1)
     model, _ = dynamics.load_dynamics(ckpt_path, device)  # the EMA weights when the run kept them
-    model.eval()
-
-    summary_path = os.path.join(run_dir, "summary.json")
+    summary_path = os.path.join(out, "summary.json")
     summary = {"stage": "dynamics", "steps": ckpt["step"]}
-    if os.path.exists(summary_path):  # keep the training figures
+    if weights:
+        summary.update(phase2_weights(model, weights, ckpt_path))
+    model.eval()
+    if os.path.exists(summary_path) and not weights:  # keep the training figures
         with open(summary_path) as fh:
             summary = json.load(fh)
     summary.update({"eval_only": True, "sample_k": a.sample_k,

@@ -23,6 +23,7 @@ import common
 import data
 import environment
 import dynamics as dy
+import dynamics_eval
 import tokenizer as tk
 from conftest import run
 
@@ -899,6 +900,36 @@ def test_agent_eval_without_episodes_removes_the_old_pictures(smoke_runs, tmp_pa
     agent_eval.main([copy, "--eval-episodes", "0"])
     assert not os.path.exists(os.path.join(copy, "success.png"))
     assert not os.path.exists(os.path.join(copy, "reward_trace.png"))
+
+
+def test_phase_2_world_model_holding_the_stage_1b_weights_scores_as_stage_1b(smoke_runs,
+                                                                            tmp_path):
+    """dynamics_eval --weights reads the world model out of an agent checkpoint: given one whose
+    `dyn.` weights are the dynamics run's own, it reproduces the run's figures."""
+    dyn, runs = smoke_runs
+    agent_ckpt = torch.load(os.path.join(runs["full"], "ckpt.pt"), weights_only=True)
+    stage_1b, _ = dy.load_dynamics(dyn)  # the EMA weights agent.py starts from
+    for k, v in stage_1b.state_dict().items():
+        agent_ckpt["model"]["dyn." + k] = v
+    fake = str(tmp_path / "agent" / "ckpt.pt")
+    os.makedirs(os.path.dirname(fake))
+    torch.save(agent_ckpt, fake)
+    run_dir = os.path.dirname(dyn)
+    own = dynamics_eval.main([run_dir, "--eval-seqs", "2", "--out", str(tmp_path / "own")])
+    read = dynamics_eval.main([run_dir, "--eval-seqs", "2", "--weights", fake])
+    assert read["psnr_k4"] == own["psnr_k4"] and read["action_shuffle_gap_db"] == own["action_shuffle_gap_db"]
+
+
+def test_phase_2_world_model_is_measured_into_the_agent_folder(smoke_runs):
+    dyn, runs = smoke_runs
+    before = open(os.path.join(os.path.dirname(dyn), "summary.json")).read()
+    dynamics_eval.main([os.path.dirname(dyn), "--eval-seqs", "2",
+                        "--weights", os.path.join(runs["full"], "ckpt.pt")])
+    s = summary_of(os.path.join(runs["full"], "world_model"))
+    assert s["weights_stage"] == "agent (phase 2)" and s["weights_step"] == 6
+    assert math.isfinite(s["psnr_k4"]) and os.path.exists(
+        os.path.join(runs["full"], "world_model", "rollout.png"))
+    assert open(os.path.join(os.path.dirname(dyn), "summary.json")).read() == before
 
 
 def test_missing_dynamics_names_the_command(tmp_path):
