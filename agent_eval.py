@@ -43,6 +43,9 @@ def report(model: agent.AgentModel, policy: agent.AgentPolicy, held: LatentCache
     print(f"reward events: precision {extra['reward_precision']:.3f}, "
           f"recall {extra['reward_recall']:.3f} ({extra['reward_events']} events), "
           f"AUC {extra['reward_auc']}")
+    print("  per task, AUC / recall / precision at r̂ > 0.5: " + "; ".join(
+        f"{k} {fmt(extra['reward_auc_per_task'][k])} / {fmt(extra['reward_recall_per_task'][k])}"
+        f" / {fmt(extra['reward_precision_per_task'][k])}" for k in held.meta["tasks"]))
     if success is None:
         return extra
     success, name = dict(success), next(iter(success))
@@ -145,15 +148,25 @@ def reward_events(model: agent.AgentModel, held: LatentCache, ctx_tau: float,
     pred = r_hat > 0.5
     tp, fp, fn = int((pred & true).sum()), int((pred & ~true).sum()), int((~pred & true).sum())
     prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    tasks = list(enumerate(held.meta["tasks"]))
     per_task = {name: float(pred[k][true[k]].mean()) if true[k].any() else None
-                for k, name in enumerate(held.meta["tasks"])}
+                for k, name in tasks}
+    precision_per_task = {name: float(true[k][pred[k]].mean()) if pred[k].any() else None
+                          for k, name in tasks}
     return {"reward_precision": prec, "reward_recall": rec,
             "reward_f1": 2 * prec * rec / max(prec + rec, 1e-9),
             "reward_events": tp + fn, "reward_predicted": tp + fp,
             "reward_auc": auc(r_hat.ravel(), true.ravel()),
             "reward_mean_at_events": float(r_hat[true].mean()) if true.any() else None,
             "reward_mean_elsewhere": float(r_hat[~true].mean()),
-            "reward_recall_per_task": per_task}
+            "reward_recall_per_task": per_task,
+            "reward_precision_per_task": precision_per_task,
+            "reward_auc_per_task": {name: auc(r_hat[k], true[k]) for k, name in tasks}}
+
+
+def fmt(x: float | None) -> str:
+    """Two decimals, or n/a where a task has no event (or no prediction) to score."""
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -708,6 +709,26 @@ def test_auc_counts_ties_half_as_pairwise_counting_does():
 
 def test_auc_is_none_without_events():
     assert agent_eval.auc(np.linspace(0, 1, 300), np.zeros(300, bool)) is None
+
+
+def test_reward_events_per_task_against_a_hand_made_table(monkeypatch):
+    """Two tasks, one episode of 6 frames; r̂ of frames 1…5 fixed by hand. Task a: events at
+    frames 2 and 4, predicted (r̂ > 0.5) at 2 and 3 → recall 1/2, precision 1/2; its AUC from the
+    scores by hand: events (0.9, 0.2) vs non-events (0.1, 0.6, 0.1) → (3 + 2) / 6. Task b: no
+    event → recall and AUC n/a; nothing predicted → precision n/a."""
+    r_hat = torch.tensor([[0.0, 0.1, 0.9, 0.6, 0.2, 0.1],
+                          [0.0, 0.3, 0.1, 0.2, 0.4, 0.0]])  # (n_tasks, T): frame 0 is not scored
+    monkeypatch.setattr(agent_eval, "predict_rewards", lambda *args: r_hat)
+    rewards = np.zeros((6, 2), np.float32)
+    rewards[[2, 4], 0] = 1.0
+    held = SimpleNamespace(episodes=[{"offset": 0, "length": 6}], meta={"tasks": ["a", "b"]},
+                           latents=np.zeros((6, 4, 2), np.float32),
+                           actions=np.zeros((6, 1), np.int64), rewards=rewards)
+    out = agent_eval.reward_events(SimpleNamespace(bins=torch.zeros(1)), held, 0.9, None)
+    assert out["reward_recall_per_task"] == {"a": 0.5, "b": None}
+    assert out["reward_precision_per_task"] == {"a": 0.5, "b": None}
+    assert out["reward_auc_per_task"]["a"] == pytest.approx(5 / 6)
+    assert out["reward_auc_per_task"]["b"] is None
 
 
 # ---- Learning: one fixed batch overfits ----------------------------------------------------------
