@@ -26,6 +26,7 @@ import common
 import environment
 from dynamics import context_signal_level, corrupt, shift_actions
 from tokenizer import LatentCache, load_tokenizer, pack
+from tokenizer_eval import fmt
 
 
 def report(model: agent.AgentModel, policy: agent.AgentPolicy, held: LatentCache, a: agent.Args,
@@ -162,11 +163,6 @@ def reward_events(model: agent.AgentModel, held: LatentCache, ctx_tau: float,
             "reward_recall_per_task": per_task,
             "reward_precision_per_task": precision_per_task,
             "reward_auc_per_task": {name: auc(r_hat[k], true[k]) for k, name in tasks}}
-
-
-def fmt(x: float | None) -> str:
-    """Two decimals, or n/a where a task has no event (or no prediction) to score."""
-    return "n/a" if x is None else f"{x:.2f}"
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:

@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = common.load_checkpoint(ckpt_path, "dynamics", how)
     fields = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
     typed = {k: v for k, v in given.items() if v is not None}
-    a = Args(**{**fields, **typed, "out": out})  # written where the folder is now
+    a = Args(**{**fields, **typed, "out": out})  # pictures go to `out` (the run folder by default)
     os.makedirs(out, exist_ok=True)
 
     common.seed_everything(a.seed)
