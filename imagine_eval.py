@@ -131,6 +131,10 @@ def probe_report(model: ag.AgentModel, value_head: ag.MTPHead, prior: ag.MTPHead
     r, q = out["rank_agreement"], out.get("reward_head_on_real_replay", {})
     print(f"  the imagined return orders {r['agree']} of {r['pairs']} policy pairs as the real "
           f"environment does")
+    if "separated" in r:
+        sep = r["separated"]
+        print(f"  … and {sep['agree']} of the {sep['pairs']} pairs whose real difference is "
+              f"separated (95 % interval over the starts)")
     if q:
         print(f"  reward head on the real replayed contractor frames: AUC {q['auc']:.3f}, mean r̂ "
               f"{q['mean_at_events']:.3f} at {q['events']} true events vs "
@@ -299,7 +303,9 @@ def probe_summary(res: dict, n_tasks: int) -> dict:
                          "imagined": float(res["imag_success"][m].mean()),
                          "real": float(res["real_success"][m].mean()),
                          "reward_head_on_real": float(res["real_pred_success"][m].mean()),
-                         "imagined_return": float(res["imag_return"][m].mean())}
+                         "imagined_return": float(res["imag_return"][m].mean()),
+                         # per start, in the order of the starts every policy shares
+                         "real_hits": res["real_success"][m].astype(int).tolist()}
     return out
 
 
@@ -319,18 +325,31 @@ def reward_head_quality(r_hat: np.ndarray, r: np.ndarray) -> dict:
 def rank_agreement(probes: dict) -> dict:
     """Does the world model rank policies as the real environment does? Over every task and every
     pair of policies whose real success differs: the share of pairs that the imagined return
-    Σ r̂ orders the same way."""
-    agree = total = 0
+    Σ r̂ orders the same way. With a few starts per task most real differences are a start or
+    two, as likely noise as not, so "separated" repeats the count over the pairs whose real
+    difference has a 95 % interval that excludes 0 (common.bootstrap_ci, paired over the starts
+    every policy shares); it needs the per-start outcomes (`real_hits`)."""
+    agree = total = agree_sep = total_sep = 0
     names = list(probes)
-    for k in set.intersection(*(set(p) for p in probes.values())):
+    for k in sorted(set.intersection(*(set(p) for p in probes.values()))):
         for i, p in enumerate(names):
             for q in names[i + 1:]:
                 real = probes[p][k]["real"] - probes[q][k]["real"]
-                if real != 0:
-                    total += 1
-                    imagined = probes[p][k]["imagined_return"] - probes[q][k]["imagined_return"]
-                    agree += imagined * real > 0
-    return {"agree": int(agree), "pairs": total, "share": agree / max(total, 1)}
+                if real == 0:
+                    continue
+                imagined = probes[p][k]["imagined_return"] - probes[q][k]["imagined_return"]
+                total, agree = total + 1, agree + (imagined * real > 0)
+                if "real_hits" not in probes[p][k] or "real_hits" not in probes[q][k]:
+                    continue
+                ci = common.bootstrap_ci([probes[p][k]["real_hits"]],
+                                         paired=[probes[q][k]["real_hits"]])
+                if ci["lo"] > 0 or ci["hi"] < 0:
+                    total_sep, agree_sep = total_sep + 1, agree_sep + (imagined * real > 0)
+    out = {"agree": int(agree), "pairs": total, "share": agree / max(total, 1)}
+    if all("real_hits" in v for p in probes.values() for v in p.values()):
+        out["separated"] = {"agree": int(agree_sep), "pairs": total_sep,
+                            "share": agree_sep / max(total_sep, 1)}
+    return out
 
 
 # ==============================================================================================

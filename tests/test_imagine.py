@@ -596,6 +596,17 @@ def test_rank_agreement_counts_pairs_ordered_like_reality():
     assert ie.rank_agreement(probes) == {"agree": 1, "pairs": 2, "share": 0.5}
 
 
+def test_rank_agreement_separated_counts_only_pairs_whose_real_difference_is_clear():
+    def probe(hits, ret):
+        return {"t": {"real": float(np.mean(hits)), "imagined_return": ret, "real_hits": hits}}
+    probes = {"a": probe([1] * 8, 2.0), "b": probe([0] * 8, 1.0), "c": probe([1] * 7 + [0], 3.0)}
+    # (a, b) 8 of 8 starts apart, ordered right; (b, c) 7 apart, right; (a, c) one start apart:
+    # ordered wrong, but its interval reaches 0, so only the plain count holds it against the model
+    r = ie.rank_agreement(probes)
+    assert (r["agree"], r["pairs"]) == (2, 3)
+    assert r["separated"] == {"agree": 2, "pairs": 2, "share": 1.0}
+
+
 def test_reward_head_auc_counts_a_tie_as_one_half():
     q = ie.reward_head_quality(np.array([0.9, 0.1, 0.3, 0.3]), np.array([1.0, 0.0, 0.0, 1.0]))
     assert q["auc"] == pytest.approx((1 + 1 + 1 + 0.5) / 4) and q["events"] == 2
