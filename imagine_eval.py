@@ -446,7 +446,7 @@ def save_rollout_picture(trace: dict, i: int, task: str, out: str) -> None:
     ax.set_xlabel("imagined / real step t (0 = last context frame)")
     ax.set_ylabel("reward")
     ax.set_ylim(-0.1, 1.3)
-    ax2 = ax.twinx()  # the value lives on its own scale (a discounted sum of centred rewards)
+    ax2 = ax.twinx()  # the value lives on its own scale (a discounted sum of rewards)
     ax2.plot(trace["imag_value"][i], "C3--", lw=1, label="imagined: value v_t (right axis)")
     ax2.plot(trace["real_value"][i], "C2--", lw=1, label="real: value v_t (right axis)")
     ax2.set_ylabel("value")
