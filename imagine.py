@@ -363,8 +363,8 @@ class RewardCenter:
     value head, starting at 0, reaches only by bootstrapping, about a factor γ per refit. Until
     then R^λ > v nearly everywhere, D⁻ stays empty and PMPO only sharpens the policy. That
     was so for a reward head that paid 0.02–0.05 on every frame; the cpu preset's head pays
-    0.0015–0.004 off the events, and without centering the agents did at least as well on
-    every rung (docs/deviations.md), so the default is the literal Eq 10.
+    0.0015–0.004 off the events, and over four seeds the agents did as well without centering
+    (docs/deviations.md), so the default is the literal Eq 10.
     """
 
     def __init__(self, decay: float = 0.99):
