@@ -338,13 +338,15 @@ def rank_agreement(probes: dict) -> dict:
                 if real == 0:
                     continue
                 imagined = probes[p][k]["imagined_return"] - probes[q][k]["imagined_return"]
-                total, agree = total + 1, agree + (imagined * real > 0)
+                total += 1
+                agree += imagined * real > 0
                 if "real_hits" not in probes[p][k] or "real_hits" not in probes[q][k]:
                     continue
                 ci = common.bootstrap_ci([probes[p][k]["real_hits"]],
                                          paired=[probes[q][k]["real_hits"]])
                 if ci["lo"] > 0 or ci["hi"] < 0:
-                    total_sep, agree_sep = total_sep + 1, agree_sep + (imagined * real > 0)
+                    total_sep += 1
+                    agree_sep += imagined * real > 0
     out = {"agree": int(agree), "pairs": total, "share": agree / max(total, 1)}
     if all("real_hits" in v for p in probes.values() for v in p.values()):
         out["separated"] = {"agree": int(agree_sep), "pairs": total_sep,
