@@ -331,6 +331,7 @@ def rank_agreement(probes: dict) -> dict:
     every policy shares); it needs the per-start outcomes (`real_hits`)."""
     agree = total = agree_sep = total_sep = 0
     names = list(probes)
+    with_hits = all("real_hits" in v for p in probes.values() for v in p.values())
     for k in sorted(set.intersection(*(set(p) for p in probes.values()))):
         for i, p in enumerate(names):
             for q in names[i + 1:]:
@@ -340,7 +341,7 @@ def rank_agreement(probes: dict) -> dict:
                 imagined = probes[p][k]["imagined_return"] - probes[q][k]["imagined_return"]
                 total += 1
                 agree += imagined * real > 0
-                if "real_hits" not in probes[p][k] or "real_hits" not in probes[q][k]:
+                if not with_hits:
                     continue
                 ci = common.bootstrap_ci([probes[p][k]["real_hits"]],
                                          paired=[probes[q][k]["real_hits"]])
@@ -348,7 +349,7 @@ def rank_agreement(probes: dict) -> dict:
                     total_sep += 1
                     agree_sep += imagined * real > 0
     out = {"agree": int(agree), "pairs": total, "share": agree / max(total, 1)}
-    if all("real_hits" in v for p in probes.values() for v in p.values()):
+    if with_hits:
         out["separated"] = {"agree": int(agree_sep), "pairs": total_sep,
                             "share": agree_sep / max(total_sep, 1)}
     return out
