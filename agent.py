@@ -548,7 +548,7 @@ def train(a: Args) -> dict:
 
                 terms["video"] = shortcut_forcing_loss(
                     f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,
-                    dargs.get("boot_clip", 0.0))["loss"]
+                    dargs.get("boot_clip", 0.0), dargs.get("tau_weight", "ramp"))["loss"]
             # Agent pass: every frame at τ_ctx, as when acting (not in paper: docs/deviations.md)
             clean = pack(lat)  # (B, T, N_z, C_z)
             noise = torch.randn(clean.shape, generator=gen, device=device)  # (B, T, N_z, C_z)

@@ -22,7 +22,7 @@ Equation map:
     Eq 7   footnote: v̂ = (ẑ₁ − z̃)/(1 − τ)                        -> x_to_velocity
     Eq 3,7 shortcut forcing: flow term at d = d_min, bootstrap
            term (1 − τ)²·‖v̂ − sg(b′ + b″)/2‖² above it             -> shortcut_forcing_loss
-    Eq 8   w(τ) = 0.9τ + 0.1                                      -> ramp_weight
+    Eq 8   w(τ) = 0.9τ + 0.1                                      -> ramp_weight, tau_weight
     Eq 2   Euler in x-form: z ← z + (ẑ₁ − z)·d/(1 − τ)             -> sample_frame, rollout
     §3.4   start frames, two batch lengths, KV cache              -> forcing_batch, batch_shape
 
@@ -68,6 +68,7 @@ class Args:
     flow_frac: float = 0.75  # share of rows with every d = d_min; 0 = literal Eq 4 (not in paper)
     ctx_stream: bool = False  # every frame also trained after a history at τ_ctx (not in paper)
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
+    tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
@@ -172,6 +173,20 @@ def x_to_velocity(x_hat: torch.Tensor, z: torch.Tensor, tau) -> torch.Tensor:
 def ramp_weight(tau: torch.Tensor) -> torch.Tensor:
     """Eq 8: w(τ) = 0.9τ + 0.1 — 0.1 at pure noise (τ = 0), 1.0 at clean data (τ = 1)."""
     return 0.9 * tau + 0.1
+
+
+TAU_WEIGHTS = ("ramp", "inverse")
+
+
+def tau_weight(tau: torch.Tensor, kind: str = "ramp") -> torch.Tensor:
+    """The loss weight of a frame at signal level τ. "ramp" is Eq 8. "inverse" (not in paper,
+    `--tau-weight inverse`, docs/deviations.md) mirrors it, w(τ) = 1 − 0.9τ: the frames the
+    sampler starts from, where the next frame is decided, weigh most."""
+    if kind == "ramp":
+        return ramp_weight(tau)
+    if kind == "inverse":
+        return 1.0 - 0.9 * tau
+    raise ValueError(f"unknown --tau-weight {kind!r}: use one of {', '.join(TAU_WEIGHTS)}")
 
 
 def context_signal_level(ctx_tau: float, k_max: int) -> float:
@@ -295,7 +310,8 @@ class DynamicsModel(nn.Module):
 
 
 def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor,
-                          d: torch.Tensor, k_max: int, x_clip: float = 0.0) -> dict:
+                          d: torch.Tensor, k_max: int, x_clip: float = 0.0,
+                          weight: str = "ramp") -> dict:
     """Eq 7, per frame, weighted by Eq 8 and averaged over all frames.
 
     f(z̃, τ, d, rows=None) → ẑ₁: the network (actions, start flags closed over); `rows` (batch
@@ -305,7 +321,8 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
         bootstrap (d > d_min):     b′ = (f(z̃, τ, d/2) − z̃)/(1 − τ),   z′ = z̃ + b′·d/2
                                    b″ = (f(z′, τ + d/2, d/2) − z′)/(1 − (τ + d/2))
                                    L = (1 − τ)²·‖(ẑ₁ − z̃)/(1 − τ) − sg(b′ + b″)/2‖²
-    x_clip > 0 clamps the half-step x-predictions to ±x_clip (`--boot-clip`, not in paper).
+    x_clip > 0 clamps the half-step x-predictions to ±x_clip (`--boot-clip`, not in paper);
+    weight: "ramp" (Eq 8) or "inverse" (`--tau-weight`, not in paper; see tau_weight).
     Returns loss = mean w(τ)·L, its flow and boot parts (loss = flow + boot), and L (B, T).
     """
 
@@ -336,7 +353,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     v_hat = x_to_velocity(z1_hat, z_tilde, tau)  # (ẑ₁ − z̃)/(1 − τ): (B, T, N, C)
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
-    w = ramp_weight(tau)  # Eq 8, on both terms (the paper does not say which)
+    w = tau_weight(tau, weight)  # Eq 8, on both terms (the paper does not say which)
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
             "flow": (w * per_frame * is_flow).sum().detach() / n,
@@ -544,6 +561,9 @@ def train(a: Args) -> dict:
     common.seed_everything(a.seed)
     device = common.pick_device_for_run(a)  # records the compute dtype in a.dtype
     os.makedirs(a.out, exist_ok=True)
+    if a.tau_weight not in TAU_WEIGHTS:
+        raise SystemExit(f"--tau-weight {a.tau_weight!r} is not one of {', '.join(TAU_WEIGHTS)}: "
+                         f"e.g. python dynamics.py --preset {a.preset} --tau-weight inverse")
     assert a.seq_len <= a.context < a.seq_len_long, (
         f"§3.4 needs T₁ ≤ C < T₂, got T₁ = {a.seq_len}, C = {a.context}, T₂ = {a.seq_len_long}")
 
@@ -624,7 +644,7 @@ def train(a: Args) -> dict:
             g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
         with common.autocast(device):
             terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"],
-                                          a.k_max, a.boot_clip)
+                                          a.k_max, a.boot_clip, a.tau_weight)
         common.check_finite(step, loss=terms["loss"])
         loss = norm(terms["loss"])  # ÷ running RMS (§3 intro)
         opt.zero_grad(set_to_none=True)

@@ -531,6 +531,21 @@ def test_eq8_ramp_weight_is_linear_in_the_signal_level():
     close(dy.ramp_weight(tau), 0.9 * tau + 0.1, "ramp_weight(τ)", "w(τ) = 0.9·τ + 0.1, per frame")
 
 
+def test_inverse_tau_weight_is_one_at_noise_and_one_tenth_at_clean_data():
+    table = {0.0: 1.0, 0.5: 0.55, 1.0: 0.1}  # `--tau-weight inverse` (not in paper): 1 − 0.9τ
+    for tau, want in table.items():
+        got = float(dy.tau_weight(torch.tensor(tau), "inverse"))
+        assert got == pytest.approx(want), f"inverse weight at τ = {tau}: want {want}, got {got}"
+
+
+def test_eq7_loss_with_the_inverse_weight_is_its_weighted_mean_over_frames():
+    clean, noise, tau, d = eq7_batch()
+    terms = dy.shortcut_forcing_loss(toy_f, clean, noise, tau, d, K_MAX, weight="inverse")
+    _, slow = slow_eq7(toy_f, clean, noise, tau, d, K_MAX)
+    close(terms["loss"], ((1 - 0.9 * tau) * slow).mean(), "the total loss, --tau-weight inverse",
+          "loss = mean over all B·T frames of (1 − 0.9τ)·L", rtol=1e-5)
+
+
 # ---------------------------------------------------------------- conventions of the model inputs
 
 def test_context_signal_level_is_mostly_clean_and_on_the_grid():
