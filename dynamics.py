@@ -353,7 +353,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     v_hat = x_to_velocity(z1_hat, z_tilde, tau)  # (ẑ₁ − z̃)/(1 − τ): (B, T, N, C)
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
-    w = tau_weight(tau, weight)  # Eq 8, on both terms (the paper does not say which)
+    w = tau_weight(tau, weight)  # Eq 8 (or --tau-weight) on both terms: the paper does not say
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
             "flow": (w * per_frame * is_flow).sum().detach() / n,

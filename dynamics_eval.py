@@ -237,7 +237,7 @@ def loss_by_tau_d(model, held: LatentCache, a: Args, device, repeats: int = 4) -
 
         with common.autocast(device):
             terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"],
-                                          a.k_max, a.boot_clip, a.tau_weight)
+                                          a.k_max, a.boot_clip)
         taus.append(fb["tau"].flatten())
         ds.append(fb["d"].flatten())
         losses.append(terms["per_frame"].flatten())
