@@ -457,6 +457,27 @@ def follow_figures(prefix: str, hits: dict) -> dict:
     return out
 
 
+def step_figures(tile: np.ndarray, copy_tile: np.ndarray) -> dict:
+    """Is the loss of the agent over a rollout one step's error compounding, or a model that
+    gets worse on its own frames (not in paper)? tile, copy_tile (B, H) bool: the rollout's and
+    copying's agent-tile hits (follow_hits). Returns
+      follow_tile_acc_given_prev: P(right at h | right at h − 1), pooled over h ≥ 2: the per-step
+        accuracy after a generated frame that was right. Close to the first frame's accuracy
+        means one step's error compounds (an error is rarely undone: the agent is then off);
+        far below it means the model's own frames hurt it;
+      follow_tile_acc_first_moved / _first_stayed: the first frame's accuracy where the real
+        agent left its tile (copying is wrong) / stayed (copying is right), NaN where none."""
+    before, after = tile[:, :-1], tile[:, 1:]  # (B, H − 1) each
+    moved = ~copy_tile[:, 0]  # (B,) the real agent left its tile at the first step
+
+    def share(hit, where):  # share of hits among the windows where `where` holds, NaN if none
+        return float(hit[where].mean()) if where.any() else float("nan")
+
+    return {"follow_tile_acc_given_prev": share(after, before),
+            "follow_tile_acc_first_moved": share(tile[:, 0], moved),
+            "follow_tile_acc_first_stayed": share(tile[:, 0], ~moved)}
+
+
 @torch.no_grad()
 def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
                      recon: torch.Tensor) -> dict:
@@ -505,9 +526,13 @@ def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
     found = agent_of(environment.read_frames(flat * 255)["app"])[0] >= 0  # (B·H,)
     out = {"follow_exact_parse_share": exact_parse_share(flat),
            "follow_agent_found_share": float(found.mean())}
+    tiles = {}
     for prefix, frames in candidates.items():
         pixels = frames if isinstance(frames, np.ndarray) else frames.cpu().numpy() * 255
-        out.update(follow_figures(prefix, follow_hits(pixels, real["true"])))
+        hits = follow_hits(pixels, real["true"])
+        tiles[prefix] = hits["tile"]  # (B, H)
+        out.update(follow_figures(prefix, hits))
+    out.update(step_figures(tiles["follow"], tiles["follow_copy"]))
 
     # The timing check: the model and the environment under the actions shifted by ±1 frame.
     ctx = pack(ro["latents"][:, :Tc])  # (B, T_c, N_z, C_z)
@@ -549,7 +574,10 @@ def print_following(out: dict, k: int) -> None:
     shuffled = (f", shuffled actions {pair('follow_shuffled_tile_acc')}"
                 if "follow_shuffled_tile_acc_first" in out else "")
     print(f"eval: action following (K={k}; share right at generated frame 1/{at}): agent tile "
-          f"{pair('follow_tile_acc')} vs copy {pair('follow_copy_tile_acc')}{shuffled} | "
+          f"{pair('follow_tile_acc')} vs copy {pair('follow_copy_tile_acc')}{shuffled}; the first "
+          f"where the real agent moves {out['follow_tile_acc_first_moved']:.2f}, stays "
+          f"{out['follow_tile_acc_first_stayed']:.2f}; after a right frame "
+          f"{out['follow_tile_acc_given_prev']:.2f} | "
           f"tile+facing {pair('follow_facing_acc')} | inventory {pair('follow_inventory_acc')} "
           f"(copy {pair('follow_copy_inventory_acc')}) | tokenizer reconstruction (ceiling): "
           f"tile {pair('follow_tokenizer_tile_acc')} | actions shifted +1/−1: tile "

@@ -11,7 +11,7 @@ import torch
 
 import data
 import environment
-from dynamics_eval import follow_hits, shift_window
+from dynamics_eval import follow_hits, shift_window, step_figures
 from environment import read_frames
 
 SIZE, T = 32, 12  # 32×32 frames (4 pixels per tile), frames per hand-made episode
@@ -103,6 +103,30 @@ def test_one_inventory_count_off_makes_the_inventory_wrong():
 
 
 # ---------------------------------------------------------------- the timing check
+
+def test_step_figures_against_a_hand_table():
+    # 4 windows × 3 steps of the rollout's tile hits, and copying's first step: windows 0 and 1
+    # moved (copying wrong), 2 and 3 stayed.
+    tile = np.array([[1, 1, 0],
+                     [0, 0, 0],
+                     [1, 1, 1],
+                     [1, 0, 1]], dtype=bool)
+    copy_tile = np.array([[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=bool)
+    got = step_figures(tile, copy_tile)
+    # steps after a right one (window, step → step + 1): (0, 0→1) right, (0, 1→2) wrong,
+    # (2, 0→1) right, (2, 1→2) right, (3, 0→1) wrong: 3 of 5
+    assert got["follow_tile_acc_given_prev"] == pytest.approx(3 / 5)
+    assert got["follow_tile_acc_first_moved"] == pytest.approx(1 / 2)  # windows 0 ✓, 1 ✗
+    assert got["follow_tile_acc_first_stayed"] == pytest.approx(1.0)  # windows 2 ✓, 3 ✓
+
+
+def test_step_figures_are_nan_where_no_window_qualifies():
+    tile = np.zeros((2, 3), dtype=bool)  # never right: nothing to condition on
+    got = step_figures(tile, np.ones((2, 3), dtype=bool))  # nobody moved
+    assert np.isnan(got["follow_tile_acc_given_prev"])
+    assert np.isnan(got["follow_tile_acc_first_moved"])
+    assert got["follow_tile_acc_first_stayed"] == 0.0
+
 
 def test_shift_window_delays_or_advances_the_actions_with_no_op_padding():
     acts = torch.tensor([[[1, 0], [2, 1], [3, 0], [4, 1]]])  # (B=1, T=4, A=2)
