@@ -57,6 +57,7 @@ def test_auto_dtype_on_mps_is_fp32():
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "per_sequence"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on purpose
 def test_flex_attention_with_the_soft_cap_equals_the_explicit_form(monkeypatch, mask_kind):
     """The fused path (FlexAttention, the CUDA default) against the explicit softmax(cap·tanh)
     form, with GQA, a KV-cache-shaped causal mask and per-sequence (start-frame) masks. Forward
