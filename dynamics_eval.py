@@ -466,12 +466,13 @@ def step_figures(tile: np.ndarray, copy_tile: np.ndarray) -> dict:
         means one step's error compounds (an error is rarely undone: the agent is then off);
         far below it means the model's own frames hurt it;
       follow_tile_acc_first_moved / _first_stayed: the first frame's accuracy where the real
-        agent left its tile (copying is wrong) / stayed (copying is right), NaN where none."""
+        agent left its tile (copying is wrong) / stayed (copying is right);
+    each None (null in summary.json) where no window qualifies."""
     before, after = tile[:, :-1], tile[:, 1:]  # (B, H − 1) each
     moved = ~copy_tile[:, 0]  # (B,) the real agent left its tile at the first step
 
-    def share(hit, where):  # share of hits among the windows where `where` holds, NaN if none
-        return float(hit[where].mean()) if where.any() else float("nan")
+    def share(hit, where):  # share of hits among the windows where `where` holds, None if none
+        return float(hit[where].mean()) if where.any() else None
 
     return {"follow_tile_acc_given_prev": share(after, before),
             "follow_tile_acc_first_moved": share(tile[:, 0], moved),
@@ -571,13 +572,16 @@ def print_following(out: dict, k: int) -> None:
     def pair(key):  # "first/8th" shares of a follow_* key
         return f"{out[key + '_first']:.2f}/{out[key + '_per_horizon'][h]:.2f}"
 
+    def share(key):  # a step_figures share, "n/a" where no window qualified
+        return "n/a" if out[key] is None else f"{out[key]:.2f}"
+
     shuffled = (f", shuffled actions {pair('follow_shuffled_tile_acc')}"
                 if "follow_shuffled_tile_acc_first" in out else "")
     print(f"eval: action following (K={k}; share right at generated frame 1/{at}): agent tile "
           f"{pair('follow_tile_acc')} vs copy {pair('follow_copy_tile_acc')}{shuffled}; the first "
-          f"where the real agent moves {out['follow_tile_acc_first_moved']:.2f}, stays "
-          f"{out['follow_tile_acc_first_stayed']:.2f}; after a right frame "
-          f"{out['follow_tile_acc_given_prev']:.2f} | "
+          f"where the real agent moves {share('follow_tile_acc_first_moved')}, stays "
+          f"{share('follow_tile_acc_first_stayed')}; after a right frame "
+          f"{share('follow_tile_acc_given_prev')} | "
           f"tile+facing {pair('follow_facing_acc')} | inventory {pair('follow_inventory_acc')} "
           f"(copy {pair('follow_copy_inventory_acc')}) | tokenizer reconstruction (ceiling): "
           f"tile {pair('follow_tokenizer_tile_acc')} | actions shifted +1/−1: tile "

@@ -120,11 +120,11 @@ def test_step_figures_against_a_hand_table():
     assert got["follow_tile_acc_first_stayed"] == pytest.approx(1.0)  # windows 2 ✓, 3 ✓
 
 
-def test_step_figures_are_nan_where_no_window_qualifies():
+def test_step_figures_are_none_where_no_window_qualifies():
     tile = np.zeros((2, 3), dtype=bool)  # never right: nothing to condition on
     got = step_figures(tile, np.ones((2, 3), dtype=bool))  # nobody moved
-    assert np.isnan(got["follow_tile_acc_given_prev"])
-    assert np.isnan(got["follow_tile_acc_first_moved"])
+    assert got["follow_tile_acc_given_prev"] is None
+    assert got["follow_tile_acc_first_moved"] is None
     assert got["follow_tile_acc_first_stayed"] == 0.0
 
 
