@@ -102,8 +102,6 @@ def test_one_inventory_count_off_makes_the_inventory_wrong():
     assert not hits["inventory"][0, -1] and hits["tile"][0, -1]
 
 
-# ---------------------------------------------------------------- the timing check
-
 def test_step_figures_against_a_hand_table():
     # 4 windows × 3 steps of the rollout's tile hits, and copying's first step: windows 0 and 1
     # moved (copying wrong), 2 and 3 stayed.
@@ -127,6 +125,8 @@ def test_step_figures_are_none_where_no_window_qualifies():
     assert got["follow_tile_acc_first_moved"] is None
     assert got["follow_tile_acc_first_stayed"] == 0.0
 
+
+# ---------------------------------------------------------------- the timing check
 
 def test_shift_window_delays_or_advances_the_actions_with_no_op_padding():
     acts = torch.tensor([[[1, 0], [2, 1], [3, 0], [4, 1]]])  # (B=1, T=4, A=2)
