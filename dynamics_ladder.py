@@ -61,7 +61,7 @@ class Args:
     width: int = 48  # pixel_cnn channels / latent_* model width (the preset's dynamics width)
     lr: float = 2e-3  # AdamW peak learning rate (each rung's preset sets its own)
     seed: int = 0  # model init and data streams; the held-out windows follow dynamics.py's seed 0
-    eval_seqs: int = 64  # held-out windows (dynamics.py --preset cpu evaluates 32 of the same)
+    eval_seqs: int = 64  # held-out windows: the first 64 of the 128 dynamics.py --preset cpu scores
     device: str = "auto"  # auto | cpu | cuda | mps
     dtype: str = "auto"  # auto | fp32 | bf16 (the start-up probe of common.py)
 
