@@ -225,6 +225,11 @@ class AgentModel(nn.Module):
         self.task_embed = nn.Embedding(n_tasks, D)  # one-hot task → learned embedding (§3.3)
         n_world = dyn.n_tokens  # action, (τ, d), latents, registers
         self.register_buffer("space_mask", agent_space_mask(n_world, 1), persistent=False)
+        # a world model with 2-D RoPE in its space layers keeps it; the agent token, like the
+        # action and register tokens, has no place in the image and sits at the lattice centre
+        pos = None if dyn.space_pos is None else torch.cat(
+            [dyn.space_pos, dyn.space_pos[:1]])  # (N_world + 1, 2); token 0 (action) is central
+        self.register_buffer("space_pos", pos, persistent=False)
         self.register_buffer("bins", twohot_bins(bins), persistent=False)
         n_out = sum(1 if n == 2 else n for n in self.action_classes)  # one logit per button
         self.policy_head = MTPHead(D, head_hidden, n_out, mtp)
@@ -240,8 +245,8 @@ class AgentModel(nn.Module):
         task = task[:, None].expand(B, T) if task.dim() == 1 else task  # (B, T)
         g = (self.agent_base + self.task_embed(task))[:, :, None]  # (B, T, 1, D) the agent token
         x = torch.cat([x, g.to(x.dtype)], dim=2)  # (B, T, N_world + 1, D)
-        h = self.dyn.transformer(x, space_mask=self.space_mask, independent=independent,
-                                 cache=cache, commit=commit,
+        h = self.dyn.transformer(x, self.space_pos, space_mask=self.space_mask,
+                                 independent=independent, cache=cache, commit=commit,
                                  time_layout=time_layout)  # (B, T, N_world + 1, D)
         z1 = self.dyn.latent_out(h[:, :, self.dyn.spatial])  # (B, T, N_z, C_z)
         return z1, h[:, :, -1]  # (B, T, N_z, C_z), (B, T, D)

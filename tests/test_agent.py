@@ -34,11 +34,11 @@ TAU_C = dy.context_signal_level(0.9, 64)  # τ_ctx on the K_max = 64 grid of the
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
-def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0, time_every=4):
+def tiny_agent(window=8, n_tasks=3, mtp=4, seed=0, time_every=4, space_rope_base=0.0):
     torch.manual_seed(seed)
     dyn = dy.DynamicsModel(latent_tokens=4, latent_dim=6, action_classes=CLASSES, dim=32, depth=4,
                            heads=4, kv_heads=2, registers=2, context=window, mlp_ratio=2.0,
-                           k_max=64, time_every=time_every)
+                           k_max=64, time_every=time_every, space_rope_base=space_rope_base)
     return ag.AgentModel(dyn, n_tasks, head_hidden=16, mtp=mtp, bins=255).eval()
 
 
@@ -116,6 +116,29 @@ def test_zero_gradient_check_detects_an_open_agent_column():
     z1, _ = model(z, tau, d, *dy.shift_actions(acts), task)
     v = torch.randn_like(z1)
     assert float(torch.autograd.grad((v * z1).sum(), model.agent_base)[0].abs().sum()) > 0
+
+
+def test_frame_prediction_equals_the_world_models_own_with_space_rope():
+    """The agent token is invisible to the world tokens, so the agent model predicts the frames
+    exactly as its world model does, also one with 2-D RoPE in the space layers (the cpu
+    preset's): stage 2 finetunes and stage 3 dreams in the model stage 1b trained."""
+    model = tiny_agent(space_rope_base=10.0)
+    z, tau, d, acts, task = inputs()
+    prev = dy.shift_actions(acts)
+    z1, _ = model(z, tau, d, *prev, task)
+    want = model.dyn(z, tau, d, *prev)  # (B, T, N_z, C_z) the world model alone
+    err = float((z1 - want).abs().max())
+    assert err < 1e-5, f"the agent model's ẑ₁ differs from its world model's by {err:.2e}"
+
+
+def test_frame_prediction_check_detects_a_dropped_space_rope():
+    """Control: without the world model's space positions the same check fails."""
+    model = tiny_agent(space_rope_base=10.0)
+    model.space_pos = None
+    z, tau, d, acts, task = inputs()
+    prev = dy.shift_actions(acts)
+    z1, _ = model(z, tau, d, *prev, task)
+    assert float((z1 - model.dyn(z, tau, d, *prev)).abs().max()) > 1e-3
 
 
 def test_agent_space_mask_keeps_frame_predictions_independent_of_the_task():
