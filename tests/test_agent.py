@@ -125,8 +125,9 @@ def test_frame_prediction_equals_the_world_models_own_with_space_rope():
     model = tiny_agent(space_rope_base=10.0)
     z, tau, d, acts, task = inputs()
     prev = dy.shift_actions(acts)
-    z1, _ = model(z, tau, d, *prev, task)
-    want = model.dyn(z, tau, d, *prev)  # (B, T, N_z, C_z) the world model alone
+    with torch.no_grad():
+        z1, _ = model(z, tau, d, *prev, task)
+        want = model.dyn(z, tau, d, *prev)  # (B, T, N_z, C_z) the world model alone
     err = float((z1 - want).abs().max())
     assert err < 1e-5, f"the agent model's ẑ₁ differs from its world model's by {err:.2e}"
 
@@ -137,8 +138,9 @@ def test_frame_prediction_check_detects_a_dropped_space_rope():
     model.space_pos = None
     z, tau, d, acts, task = inputs()
     prev = dy.shift_actions(acts)
-    z1, _ = model(z, tau, d, *prev, task)
-    assert float((z1 - model.dyn(z, tau, d, *prev)).abs().max()) > 1e-3
+    with torch.no_grad():
+        z1, _ = model(z, tau, d, *prev, task)
+        assert float((z1 - model.dyn(z, tau, d, *prev)).abs().max()) > 1e-3
 
 
 def test_agent_space_mask_keeps_frame_predictions_independent_of_the_task():
