@@ -783,6 +783,26 @@ def test_the_seed_table_gives_mean_and_std_over_runs(smoke_agent, smoke_run):
     assert same["separated"] == (same["lo"] > 0 or same["hi"] < 0)
 
 
+def test_the_seed_table_prints_the_commands_that_made_its_runs(smoke_agent, smoke_run):
+    """table.md ends with the chain of commands behind each run, parents first, each with the
+    run's own flags: tokenizer, world model, BC baseline, WM+BC agent, imagination, the table."""
+    tmp, agent, scratch = smoke_agent
+    full, _ = smoke_run
+    table = str(tmp / "table_cmds")
+    ie.main(["--table", full, "--out", table])
+    md = open(os.path.join(table, "table.md")).read()
+    tok, dyn = str(tmp / "tok"), str(tmp / "dyn")
+    order = [f"python tokenizer.py --preset smoke --data {tmp / 'data'}",
+             f"python dynamics.py --preset smoke --tokenizer {tok}/ckpt.pt",
+             f"python agent.py --preset smoke --dynamics {dyn}/ckpt.pt --from-scratch",
+             f"python agent.py --preset smoke --dynamics {dyn}/ckpt.pt --eval-episodes 0",
+             f"python imagine.py --preset smoke --agent {agent}",
+             f"python imagine_eval.py --table {full} --out {table}"]
+    at = [md.find(c) for c in order]
+    assert all(i >= 0 for i in at), [c for c, i in zip(order, at) if i < 0]
+    assert at == sorted(at)
+
+
 def test_the_gpu_mixed_precision_path_trains_and_evaluates_every_stage(smoke_agent, monkeypatch):
     """On a GPU every stage runs under bf16 autocast (common.autocast); CI has no GPU. Forcing the
     same autocast on the CPU runs that code path: dynamics training and its cached rollouts, agent
