@@ -494,8 +494,17 @@ def made_by(runs: list[str]) -> list[str]:
 
     def reevaluated(d: str, script: str) -> list[str]:  # the worlds were changed after training
         n, trained = summary_of(d).get("eval_episodes"), args_of(d).get("eval_episodes")
-        return ([] if n is None or n == trained else
-                [shlex.join(["python", script, d, "--eval-episodes", str(n)])])
+        if n is None or n == trained:
+            return []
+        cmd = ["python", script, d, "--eval-episodes", str(n)]
+        compared = summary_of(d).get("compared_with")
+        if compared and compared != args_of(d).get("compare"):
+            cmd += ["--compare", compared]
+        probes = summary_of(d).get("imagined_vs_real") or {}
+        starts = next((t["n"] for p in probes.values() for t in p.values()), 0)
+        if starts != args_of(d).get("probe_starts", starts):
+            cmd += ["--probe-starts", str(starts)]
+        return [shlex.join(cmd)]
 
     cmds = []
     for r in runs:
