@@ -37,8 +37,10 @@ import torch
 import agent as ag
 import agent_eval
 import common
+import dynamics
 import environment
 import imagine
+import tokenizer
 from tokenizer import LatentCache, load_tokenizer, pack, unpack
 
 POLICY_ORDER = ["random", "contractors", "BC (scratch)", "WM+BC", "Dreamer 4"]  # Table 7 columns
@@ -476,48 +478,41 @@ CLAIMS = [("WM+BC", "BC (scratch)"), ("Dreamer 4", "WM+BC"), ("Dreamer 4", "BC (
 def made_by(runs: list[str]) -> list[str]:
     """The commands that (re)make the imagine runs `runs`, parents first: each run's tokenizer,
     world model, BC-from-scratch baseline (its --compare), WM+BC agent and imagination run, every
-    one with the flags of its args.json (common.command_for), and a re-evaluation where a summary
-    holds another number of worlds than its run was trained with. Each command once."""
-    import dynamics
-    import tokenizer
-
-    def run_dir(ckpt_or_summary: str) -> str:
-        return os.path.dirname(ckpt_or_summary)
-
-    def args_of(d: str) -> dict:
-        path = os.path.join(d, "args.json")
+    one with the flags of its args.json (common.command_for), and a re-evaluation where the
+    summary was rewritten with other worlds, baseline or probes than the run was trained with.
+    Each command once."""
+    def read(d: str, name: str) -> dict:  # d/args.json or d/summary.json; {} if absent
+        path = os.path.join(d, name)
         return json.load(open(path)) if os.path.exists(path) else {}
 
-    def summary_of(d: str) -> dict:
-        path = os.path.join(d, "summary.json")
-        return json.load(open(path)) if os.path.exists(path) else {}
-
-    def reevaluated(d: str, script: str) -> list[str]:  # the worlds were changed after training
-        n, trained = summary_of(d).get("eval_episodes"), args_of(d).get("eval_episodes")
-        if n is None or n == trained:
+    def reevaluated(d: str, script: str) -> list[str]:
+        args, summary = read(d, "args.json"), read(d, "summary.json")
+        n = summary.get("eval_episodes")
+        if n is None or n == args.get("eval_episodes"):
             return []
         cmd = ["python", script, d, "--eval-episodes", str(n)]
-        compared = summary_of(d).get("compared_with")
-        if compared and compared != args_of(d).get("compare"):
+        compared = summary.get("compared_with")
+        if compared and compared != args.get("compare"):
             cmd += ["--compare", compared]
-        probes = summary_of(d).get("imagined_vs_real") or {}
+        probes = summary.get("imagined_vs_real") or {}
         starts = next((t["n"] for p in probes.values() for t in p.values()), 0)
-        if starts != args_of(d).get("probe_starts", starts):
+        if starts != args.get("probe_starts", starts):
             cmd += ["--probe-starts", str(starts)]
         return [shlex.join(cmd)]
 
     cmds = []
     for r in runs:
-        a_im = args_of(r)
-        agent_dir = run_dir(a_im.get("agent", ""))
-        a_ag = args_of(agent_dir)
-        dyn_dir = run_dir(a_ag.get("dynamics", ""))
-        tok_dir = run_dir(a_ag.get("tokenizer") or args_of(dyn_dir).get("tokenizer", ""))
-        scratch = run_dir(summary_of(r).get("compared_with") or a_im.get("compare", ""))
+        a_im = read(r, "args.json")
+        agent_dir = os.path.dirname(a_im.get("agent", ""))
+        a_ag = read(agent_dir, "args.json")
+        dyn_dir = os.path.dirname(a_ag.get("dynamics", ""))
+        tok = a_ag.get("tokenizer") or read(dyn_dir, "args.json").get("tokenizer", "")
+        scratch = os.path.dirname(read(r, "summary.json").get("compared_with")
+                                  or a_im.get("compare", ""))
         chain = []
-        if tok_dir:
+        if tok:
             chain.append(common.command_for("tokenizer.py", tokenizer.Args, tokenizer.PRESETS,
-                                            tok_dir))
+                                            os.path.dirname(tok)))
         if dyn_dir:
             chain.append(common.command_for("dynamics.py", dynamics.Args, dynamics.PRESETS,
                                             dyn_dir))
