@@ -286,15 +286,19 @@ class SpaceTimeTransformer(nn.Module):
     which (encoder/decoder masks, one-way agent tokens). Space RoPE is given per token
     (`space_pos`); tokens without a grid position sit at (0, 0) (not in paper).
     Time layers: each token slot n attends to slot n of earlier frames, causally, windowed to C,
-    with 1-D RoPE over absolute frame positions (which tokens take part: not in paper).
+    with 1-D RoPE over absolute frame positions (which tokens take part: not in paper). Slots
+    before `time_from` skip the time layers (the tokenizer's patch and read-out tokens: only its
+    latents carry a frame's past; docs/deviations.md).
     """
 
     def __init__(self, dim: int, depth: int, n_heads: int, n_kv_heads: int | None = None,
                  time_every: int = 4, window: int = 32, mlp_ratio: float = 4.0,
                  soft_cap: float = 50.0, rope_base: float = 10000.0,
-                 space_rope_base: float | None = None, time_layer: int = -1):
+                 space_rope_base: float | None = None, time_layer: int = -1,
+                 time_from: int = 0):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
+        self.time_from = time_from  # the first token slot that takes part in time attention
         self.window, self.head_dim, self.rope_base = window, dim // n_heads, rope_base
         # A small grid (e.g. 4×4 patches) needs faster-rotating spatial frequencies than base
         # 10⁴ gives, or neighbouring patches look alike (tokenizer.py uses 10; not in paper).
@@ -320,6 +324,9 @@ class SpaceTimeTransformer(nn.Module):
         the time layers, for frames that are not one plain sequence (dynamics.two_stream_layout).
         """
         B, T, N, D = x.shape
+        f = self.time_from
+        N_t = N - f  # token slots that attend over time
+        assert time_layout is None or f == 0, "time_layout needs every slot in time attention"
         t0 = cache.pos if cache is not None else 0
         space_angles = None if space_pos is None else rope_angles_2d(
             space_pos[:, 0], space_pos[:, 1], self.head_dim, self.space_rope_base)  # (N, Dh/2)
@@ -327,14 +334,14 @@ class SpaceTimeTransformer(nn.Module):
                                   self.rope_base)  # (T, Dh/2)
         # Every time layer sees the same number of cached frames, so one mask serves them all.
         T_past = next(iter(cache.kv.values()))[0].shape[2] if cache is not None and cache.kv else 0
-        ind = None if independent is None else independent.repeat_interleave(N)  # (B·N,)
-        t_mask = time_mask(T, T_past + T, self.window, ind, x.device)  # (T, T_k) | (B·N, 1, T, T_k)
+        ind = None if independent is None else independent.repeat_interleave(N_t)  # (B·N_t,)
+        t_mask = time_mask(T, T_past + T, self.window, ind, x.device)  # (T, T_k) or per slot
         if time_layout is not None:  # frames in another arrangement: their positions and mask
             time_angles = rope_angles(time_layout[0], self.head_dim, self.rope_base)  # (T, Dh/2)
             t_mask = time_layout[1]
         for i, blk in enumerate(self.blocks):
             if blk.is_time:
-                xt = x.permute(0, 2, 1, 3).reshape(B * N, T, D)  # (B·N, T, D)
+                xt = x[:, :, f:].permute(0, 2, 1, 3).reshape(B * N_t, T, D)  # (B·N_t, T, D)
                 past = cache.kv.get(i) if cache is not None else None
                 xt, new_kv = blk(xt, time_angles, t_mask, past)
                 if cache is not None and commit:
@@ -342,8 +349,9 @@ class SpaceTimeTransformer(nn.Module):
                                                         torch.cat([past[1], new_kv[1]], 2))
                     keep = self.window - 1  # a later frame sees itself + C − 1 earlier frames
                     start = max(k.shape[2] - keep, 0)
-                    cache.kv[i] = (k[:, :, start:], v[:, :, start:])  # (B·N, Hk, ≤ C − 1, Dh)
-                x = xt.view(B, N, T, D).permute(0, 2, 1, 3)  # (B, T, N, D)
+                    cache.kv[i] = (k[:, :, start:], v[:, :, start:])  # (B·N_t, Hk, ≤ C−1, Dh)
+                xt = xt.view(B, N_t, T, D).permute(0, 2, 1, 3)  # (B, T, N_t, D)
+                x = torch.cat([x[:, :, :f], xt], 2) if f else xt  # (B, T, N, D)
             else:
                 xs = x.reshape(B * T, N, D)  # (B·T, N, D)
                 xs, _ = blk(xs, space_angles, space_mask)

@@ -489,11 +489,28 @@ def task_done(start: np.ndarray, end: np.ndarray, task: str) -> np.ndarray:
     return (e["app"] == env.TABLE).sum((1, 2)) > (s["app"] == env.TABLE).sum((1, 2))
 
 
+@torch.no_grad()
+def roundtrip(dream: Dream, frames: np.ndarray) -> np.ndarray:
+    """Real frames (B, T, H, W, 3) uint8 → the tokenizer's pictures of them (B, T, H, W, 3)
+    uint8: encoded and decoded frame by frame with the time-attention caches, as Dream shows
+    its frames."""
+    tok, device = dream.tok, dream.device
+    enc, dec = common.KVCache(tok.encoder.window), common.KVCache(tok.decoder.window)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # (B, T, H, W, 3)
+    shown = []
+    for t in range(x.shape[1]):
+        with common.autocast(device):
+            y = tok.decode(tok.encode(x[:, t:t + 1], cache=enc), cache=dec)  # (B, 1, H, W, 3)
+        shown.append((y[:, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy())
+    return np.stack(shown, 1)
+
+
 def interaction_test(a: Args, dream: Dream, size: int) -> dict:
     """Each task in `a.worlds` evaluation worlds: the script planned on the last real context
     frame, played in the real environment and (all worlds at once) in the dream from the same
     context; success read off the frame after the script's last action against the script's
-    first frame, the same way in both."""
+    first frame, the same way in both, and in the tokenizer's pictures of the real frames (what
+    a perfect world model could show at best)."""
     result = {}
     for task in TASKS:
         seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
@@ -502,26 +519,38 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
         keep = [i for i, s in enumerate(scripts) if s is not None]
         envs, frames, acts = [envs[i] for i in keep], frames[keep], acts[keep]
         scripts = [scripts[i] for i in keep]
-        real_end = np.stack([[e.step(x)[0] for x in s][-1] for e, s in zip(envs, scripts)])
         L = max(len(s) for s in scripts)
+        # The real frames after each action, idle (NOOP) after the script: (B, L, H, W, 3)
+        real = np.stack([np.stack([e.step(x)[0] for x in s + [NOOP] * (L - len(s))])
+                         for e, s in zip(envs, scripts)])
+        ends = [len(s) - 1 for s in scripts]
+        real_end = real[np.arange(len(scripts)), ends]  # (B, H, W, 3)
         padded = np.stack([np.stack(s + [NOOP] * (L - len(s))) for s in scripts])  # (B, L, A)
         t0 = time.time()
         dream_start = dream.start(frames, acts)  # (B, H, W, 3): the dream's last real frame
         dreamed = np.stack([dream.step(padded[:, t]) for t in range(L)], 1)  # (B, L, H, W, 3)
         wall = time.time() - t0
-        dream_end = dreamed[np.arange(len(scripts)), [len(s) - 1 for s in scripts]]
+        dream_end = dreamed[np.arange(len(scripts)), ends]
         real_ok = task_done(frames[:, -1], real_end, task)
         dream_ok = task_done(dream_start, dream_end, task)
+        # The tokenizer's share: the real frames through encoder and decoder, as the dream shows
+        # its frames. A dream cannot show more than this.
+        shown = roundtrip(dream, np.concatenate([frames, real], 1))  # (B, T_c + L, H, W, 3)
+        C = frames.shape[1]
+        tok_ok = task_done(shown[:, C - 1], shown[np.arange(len(scripts)), C + np.array(ends)],
+                           task)
         result[task] = {
             "worlds": len(scripts), "no_plan": a.worlds - len(scripts),
             "script_len_mean": float(np.mean([len(s) for s in scripts])),
             "real_success": float(real_ok.mean()), "dream_success": float(dream_ok.mean()),
+            "tokenizer_success": float(tok_ok.mean()),
             "dream_over_real": float(dream_ok.mean() / max(real_ok.mean(), 1e-9)),
             "agree": float((real_ok == dream_ok).mean()),
             "dream_frames_per_s": len(scripts) * L / max(wall, 1e-9)}
         r = result[task]
         print(f"{task:12s} {r['worlds']} worlds, scripts of {r['script_len_mean']:.1f} frames: "
-              f"real {r['real_success']:.2f}, dream {r['dream_success']:.2f} "
+              f"real {r['real_success']:.2f}, tokenizer {r['tokenizer_success']:.2f}, "
+              f"dream {r['dream_success']:.2f} "
               f"({100 * r['dream_over_real']:.0f} % of real), outcome agrees in "
               f"{100 * r['agree']:.0f} %")
     return result

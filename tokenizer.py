@@ -56,6 +56,7 @@ class Args:
     n_latents: int = 32  # N_b latent tokens per frame (App A: 512 at 384×640)
     latent_dim: int = 16  # D_b bottleneck channels (App A: 16)
     window: int = 4  # C_tok: frames a time layer sees, itself included (not in paper)
+    time_tokens: str = "latents"  # latents | all: token slots in time attention (not in paper)
     seq_len: int = 8  # frames per training sequence; > n_time_layers·(window − 1) (not in paper)
     batch_size: int = 16  # sequences per batch (not in paper)
     steps: int = 10000  # optimiser steps (not in paper)
@@ -177,7 +178,8 @@ class Tokenizer(nn.Module):
 
     def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int,
                  n_latents: int, latent_dim: int, window: int, soft_cap: float = 50.0,
-                 space_rope_base: float = 10.0, locality_init: bool = True):
+                 space_rope_base: float = 10.0, locality_init: bool = True,
+                 time_tokens: str = "latents"):
         super().__init__()
         assert image_size % patch == 0, f"image size {image_size} not a multiple of patch {patch}"
         self.image_size, self.patch = image_size, patch
@@ -192,8 +194,15 @@ class Tokenizer(nn.Module):
         self.register_buffer("pos", pos, persistent=False)
         self.register_buffer("enc_mask", encoder_mask(self.n_patches, n_latents), persistent=False)
         self.register_buffer("dec_mask", decoder_mask(self.n_patches, n_latents), persistent=False)
+        # Only the latents attend over time (not in paper, docs/deviations.md): when the patch
+        # read-out tokens attended to their own past, the decoder learned to redraw what a tile
+        # showed before, e.g. a tree that has just been felled.
+        if time_tokens not in ("latents", "all"):
+            raise ValueError(f"time_tokens must be 'latents' or 'all', got {time_tokens!r}")
+        time_from = self.n_patches if time_tokens == "latents" else 0
         transformer = partial(common.SpaceTimeTransformer, width, depth, heads, heads,
-                              window=window, soft_cap=soft_cap, space_rope_base=space_rope_base)
+                              window=window, soft_cap=soft_cap, space_rope_base=space_rope_base,
+                              time_from=time_from)
 
         # Encoder: patch embedding, learned MAE mask embedding, learned latent tokens.
         self.patch_embed = nn.Linear(patch * patch * 3, width)
@@ -277,7 +286,8 @@ def build_tokenizer(a: dict) -> Tokenizer:
     """Rebuild the model from a plain args dict (as stored in the checkpoint)."""
     return Tokenizer(a["image_size"], a["patch"], a["width"], a["depth"], a["heads"],
                      a["n_latents"], a["latent_dim"], a["window"], a["soft_cap"],
-                     a.get("space_rope_base", 10.0), a.get("locality_init", True))
+                     a.get("space_rope_base", 10.0), a.get("locality_init", True),
+                     a.get("time_tokens", "all"))  # checkpoints from before the switch: all
 
 
 def load_tokenizer(path: str = "runs/tokenizer/ckpt.pt", device="cpu"):

@@ -283,6 +283,33 @@ def test_independent_sequences_equal_single_frames():
     assert not torch.allclose(y[1, 3], model(x[1:2, 3:4])[0, 0], atol=1e-4)
 
 
+def test_slots_before_time_from_skip_the_time_layers():
+    """time_from = f: in a time layer slots < f pass unchanged, slots ≥ f attend over time exactly
+    as they would with every slot taking part (time attention links a slot only to itself)."""
+    kw = dict(depth=1, time_every=1, window=4)
+    part = common.SpaceTimeTransformer(32, n_heads=2, time_from=2, **kw)
+    every = common.SpaceTimeTransformer(32, n_heads=2, **kw)
+    every.load_state_dict(part.state_dict())
+    x = torch.randn(2, 5, 6, 32)
+    y = part(x)
+    torch.testing.assert_close(y[:, :, :2], part.norm(x[:, :, :2]), atol=0, rtol=0)
+    torch.testing.assert_close(y[:, :, 2:], every(x)[:, :, 2:], atol=1e-6, rtol=1e-5)
+
+
+def test_a_slot_outside_time_attention_does_not_see_its_own_past():
+    """The tokenizer's read-out tokens (slots < time_from) learn nothing from their own past
+    frames: changing only those slots in frame 0 leaves later frames of a one-time-layer model
+    unchanged, while the same change to a time slot reaches them."""
+    model = common.SpaceTimeTransformer(32, depth=1, n_heads=2, time_every=1, window=4,
+                                        time_from=2)
+    x = torch.randn(1, 4, 6, 32)
+    outside, inside = x.clone(), x.clone()
+    outside[:, 0, :2] += 1.0
+    inside[:, 0, 2:] += 1.0
+    torch.testing.assert_close(model(outside)[:, 1:], model(x)[:, 1:], atol=0, rtol=0)
+    assert not torch.allclose(model(inside)[:, 1:], model(x)[:, 1:])
+
+
 # ---------------------------------------------------------------- §3.4 KV cache (exercise)
 
 GRID = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).view(6, 2)

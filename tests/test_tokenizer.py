@@ -220,6 +220,30 @@ def test_decoder_is_causal_in_time():
     torch.testing.assert_close(y[:, :2], y2[:, :2], atol=0, rtol=0)
 
 
+def test_only_the_latent_tokens_attend_over_time_by_default():
+    """--time-tokens latents: patch and read-out slots (the first N_p) skip the time layers."""
+    model = tiny()
+    assert model.encoder.time_from == model.n_patches == model.decoder.time_from
+
+
+def test_time_tokens_all_lets_every_slot_attend_over_time():
+    model = tiny(time_tokens="all")
+    assert model.encoder.time_from == 0 == model.decoder.time_from
+
+
+def test_checkpoints_from_before_the_switch_rebuild_with_every_slot_in_time():
+    """Their args have no time_tokens: they were trained with every slot attending over time."""
+    a = dict(image_size=16, patch=4, width=32, depth=4, heads=2, n_latents=4, latent_dim=4,
+             window=2, soft_cap=50.0)
+    assert tk.build_tokenizer(a).decoder.time_from == 0
+    assert tk.build_tokenizer({**a, "time_tokens": "latents"}).decoder.time_from == 16
+
+
+def test_unknown_time_tokens_is_a_clear_error():
+    with pytest.raises(ValueError, match="time_tokens must be"):
+        tiny(time_tokens="patches")
+
+
 def test_patches_cannot_see_latents_in_encoder():
     """Patch tokens see only patches, so the latent tokens cannot change their outputs."""
     model = tiny().eval()
