@@ -492,17 +492,12 @@ def task_done(start: np.ndarray, end: np.ndarray, task: str) -> np.ndarray:
 @torch.no_grad()
 def roundtrip(dream: Dream, frames: np.ndarray) -> np.ndarray:
     """Real frames (B, T, H, W, 3) uint8 → the tokenizer's pictures of them (B, T, H, W, 3)
-    uint8: encoded and decoded frame by frame with the time-attention caches, as Dream shows
-    its frames."""
-    tok, device = dream.tok, dream.device
-    enc, dec = common.KVCache(tok.encoder.window), common.KVCache(tok.decoder.window)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # (B, T, H, W, 3)
-    shown = []
-    for t in range(x.shape[1]):
-        with common.autocast(device):
-            y = tok.decode(tok.encode(x[:, t:t + 1], cache=enc), cache=dec)  # (B, 1, H, W, 3)
-        shown.append((y[:, 0].float().clamp(0, 1) * 255).round().byte().cpu().numpy())
-    return np.stack(shown, 1)
+    uint8, in one causal pass: the pictures Dream's frame-by-frame decoding with the KV caches
+    gives (tests/test_tokenizer.py)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(dream.device)  # (B, T, H, W, 3)
+    with common.autocast(dream.device):
+        y = dream.tok.decode(dream.tok.encode(x))  # (B, T, H, W, 3)
+    return (y.float().clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
 def interaction_test(a: Args, dream: Dream, size: int) -> dict:

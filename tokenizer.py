@@ -196,7 +196,9 @@ class Tokenizer(nn.Module):
         self.register_buffer("dec_mask", decoder_mask(self.n_patches, n_latents), persistent=False)
         # Only the latents attend over time (not in paper, docs/deviations.md): when the patch
         # read-out tokens attended to their own past, the decoder learned to redraw what a tile
-        # showed before, e.g. a tree that has just been felled.
+        # showed before, e.g. a tree that has just been felled. With the time layer last in each
+        # group of four, a 4-layer decoder (the cpu preset) thus draws each frame from its own
+        # latents alone: its one time layer updates latents nobody reads after it.
         if time_tokens not in ("latents", "all"):
             raise ValueError(f"time_tokens must be 'latents' or 'all', got {time_tokens!r}")
         time_from = self.n_patches if time_tokens == "latents" else 0

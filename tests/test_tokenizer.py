@@ -244,6 +244,19 @@ def test_unknown_time_tokens_is_a_clear_error():
         tiny(time_tokens="patches")
 
 
+def test_frame_by_frame_with_the_caches_equals_one_pass():
+    """Encoding and decoding a stream one frame at a time with the time-attention KV caches (how
+    play.py shows the dream) gives the frames of one causal pass, also past the window."""
+    model = tiny(depth=8, window=3).eval()  # time layers 3 and 7: the decoder's 3 reaches pixels
+    x = blocky_frames(2, 5)  # (2, 5, 16, 16, 3)
+    with torch.no_grad():
+        want = model.decode(model.encode(x))  # (2, 5, 16, 16, 3)
+        enc, dec = common.KVCache(model.encoder.window), common.KVCache(model.decoder.window)
+        got = torch.cat([model.decode(model.encode(x[:, t:t + 1], cache=enc), cache=dec)
+                         for t in range(5)], 1)  # (2, 5, 16, 16, 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_patches_cannot_see_latents_in_encoder():
     """Patch tokens see only patches, so the latent tokens cannot change their outputs."""
     model = tiny().eval()
