@@ -14,6 +14,9 @@ apart and draws them:
     action_following    generated frames read back into the agent's tile, facing and inventory
                         against the real environment, beside baselines; actions shifted ±1 frame
                         (built-in datasets only; follow.png)
+    event_strength      how much of each kind of action effect (a move, the first crack on a
+                        tree, a tree felled, a table placed) the model's next frame holds, one
+                        step after a real history (built-in datasets only)
 dynamics.train calls `report` at its end. Re-evaluate a finished run folder (its checkpoint's
 model and data; the flags given here override its evaluation settings) and rewrite its
 summary.json and pictures:
@@ -72,6 +75,7 @@ def report(model, tok, held: LatentCache, a: Args, device, figures: dict, rollou
           f"{out['latent_mse_repeat_last']:.4f} | {out['gen_fps']:.0f} frames/s (batch 1, K={k}, "
           f"cache) | cache speed-up ×{out['cache_speedup_ctx32']:.1f} at 32 context frames")
     out.update(action_following(model, tok, held, a, device, rollouts, recon))  # built-in data
+    out.update(event_strength(model, tok, held, a, device))  # built-in data
     return out
 
 
@@ -560,6 +564,105 @@ def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
         and out["shift_true_psnr"] > out[f"shift_{n}_psnr"] for n in ("plus1", "minus1"))
     print_following(out, k)
     save_following_picture(out, a.out)
+    return out
+
+
+# ---- Event strength: which action effects has the model learned? (built-in world) --------------
+
+EVENTS = ("move", "crack", "fell", "table")  # the kinds event_strength measures
+
+
+def find_events(frames: np.ndarray, first: int) -> list:
+    """The events in one built-in episode's frames (T, H_px, W_px, 3) uint8, for each step
+    t → t + 1 with t ≥ first (action t caused what frame t + 1 shows), as (kind, t, (row, col)):
+        move   the agent stands on a new tile                      its new tile
+        crack  a tree shows a crack it did not show before         that tree (the first `use`)
+        fell   a tree is gone and the wood count rose              where it stood (the third)
+        table  a table stands where none did                       the table
+    """
+    s = environment.decode_frames(frames)
+    app, wood = s["app"], s["inv"][:, environment.WOOD]  # (T, ROWS, COLS), (T,)
+    first_crack = environment.CRACK_APP + 4 * environment.MINABLE.index(environment.TREE)
+    cracked = (app >= first_crack) & (app < first_crack + 4)  # (T, ROWS, COLS) trees being mined
+    tree = (app == environment.TREE) | cracked
+    table = app == environment.TABLE
+    cell = agent_of(app)[0]  # (T,) flat tile index, −1 where not exactly one agent
+    events = []
+    for t in range(first, len(frames) - 1):
+        if cell[t] >= 0 and cell[t + 1] >= 0 and cell[t + 1] != cell[t]:
+            events.append(("move", t, divmod(int(cell[t + 1]), environment.COLS)))
+        for kind, where in (("crack", cracked[t + 1] & ~cracked[t]),
+                            ("fell", tree[t] & ~tree[t + 1] if wood[t + 1] > wood[t] else None),
+                            ("table", table[t + 1] & ~table[t])):
+            if where is not None and where.sum() == 1:
+                events.append((kind, t, tuple(int(i) for i in np.argwhere(where)[0])))
+    return events
+
+
+def change_share(got: np.ndarray, before: np.ndarray, after: np.ndarray) -> float:
+    """How much of a tile's real change before → after a picture of it holds: the projection
+    ⟨got − before, after − before⟩ / ‖after − before‖² (1: drawn as it happens, 0: unchanged).
+    Tiles (s, s, 3) in 0…255; after must differ from before."""
+    change = after.astype(np.float64) - before
+    return float(((got - before) * change).sum() / (change * change).sum())
+
+
+@torch.no_grad()
+def event_strength(model, tok, held: LatentCache, a: Args, device, per_kind: int = 64,
+                   draws: int = 8) -> dict:
+    """Which action effects has the world model learned (not in paper)? One step after a real
+    history, the sampler's first estimate of the next frame (history at τ_ctx, the new frame from
+    pure noise at τ = 0, d = 1/K), averaged over `draws` noises: its mean over what the model thinks
+    may happen, decoded and projected on the real change of the event's tile (change_share),
+    per kind of event (find_events; up to per_kind of each from the held-out episodes). A move
+    learned for sure reads 1; an event the model gives even odds, 0.5; one it ignores, 0. Beside
+    it, the tokenizer's reconstruction of the real next frame: a ceiling. Built-in datasets only."""
+    meta, Tc = held.meta, a.eval_context
+    if held.actions is None or meta.get("generator") != data.GENERATOR:
+        return {}
+    found = {kind: [] for kind in EVENTS}  # kind → [(global index of frame t, (row, col))]
+    for ep in held.episodes:
+        frames = np.load(os.path.join(held.data_root, f"{ep['id']}.npz"))["frames"]
+        for kind, t, tile in find_events(frames, Tc - 1):
+            if len(found[kind]) < per_kind:
+                found[kind].append((ep["offset"] + t, tile, frames[t], frames[t + 1]))
+        if all(len(v) == per_kind for v in found.values()):
+            break
+    tau_ctx, s = context_signal_level(a.ctx_tau, a.k_max), meta["image_size"] // 8
+    gen = torch.Generator(device).manual_seed(a.seed + 991)
+    out = {}
+    for kind, events in found.items():
+        out[f"event_n_{kind}"] = len(events)
+        if not events:
+            continue
+        idx = np.array([e[0] for e in events])[:, None] + np.arange(-Tc + 1, 2)  # (B, T_c + 1)
+        latents = torch.from_numpy(np.asarray(held.latents[idx], np.float32)).to(device)
+        clean = pack(latents)  # (B, T_c + 1, N_z, C_z): the history, then the real next frame
+        acts = torch.from_numpy(np.asarray(held.actions[idx])).to(device)  # (B, T_c + 1, A)
+        B, T = clean.shape[:2]
+        tau = torch.full((B, T), tau_ctx, device=device)  # (B, T) history at τ_ctx …
+        tau[:, -1] = 0.0  # … the new frame from pure noise
+        d = torch.full((B, T), 1.0 / a.k_max, device=device)  # (B, T) history tagged d_min …
+        d[:, -1] = 1.0 / a.sample_k  # … the new frame at the sampler's step
+        mean = 0
+        for _ in range(draws):
+            noise = torch.randn(clean.shape, generator=gen, device=device)
+            with common.autocast(device):
+                z1 = model(corrupt(noise, clean, tau), tau, d, *shift_actions(acts)).float()
+            mean = mean + z1[:, -1:] / draws  # (B, 1, N_z, C_z)
+        pictures = {"event": decode_after(tok, latents[:, :Tc], mean, device),
+                    "event_tokenizer": decode_after(tok, latents[:, :Tc], clean[:, -1:], device)}
+        for prefix, px in pictures.items():
+            px = px[:, 0].cpu().numpy() * 255  # (B, H_px, W_px, 3)
+            shares = [change_share(px[j, r * s:(r + 1) * s, c * s:(c + 1) * s],
+                                   before[r * s:(r + 1) * s, c * s:(c + 1) * s],
+                                   after[r * s:(r + 1) * s, c * s:(c + 1) * s])
+                      for j, (_, (r, c), before, after) in enumerate(events)]
+            out[f"{prefix}_strength_{kind}"] = float(np.mean(shares))
+    print("eval: event strength, one step after a real history (1 = drawn as it happens; "
+          "tokenizer ceiling): " + ", ".join(
+              f"{k} {out[f'event_strength_{k}']:.2f} ({out[f'event_tokenizer_strength_{k}']:.2f},"
+              f" n = {out[f'event_n_{k}']})" for k in EVENTS if f"event_strength_{k}" in out))
     return out
 
 

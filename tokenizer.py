@@ -17,6 +17,7 @@ Run:
 
 Equation map:
     Eq 5   L = L_MSE + 0.2·L_LPIPS, each term ÷ running RMS  -> tokenizer_loss
+           (not in paper, off by default: --change-weight     -> change_weights)
     §3.1   MAE: p ~ U(0, 0.9) per image, learned mask token    -> sample_mae_mask, Tokenizer.encode
     §3.1   encoder / decoder attention masks                  -> encoder_mask, decoder_mask
     §3.1   bottleneck: linear → tanh                          -> Tokenizer.encode
@@ -66,6 +67,8 @@ class Args:
     grad_clip: float = 1.0  # gradient-norm clipping (not in paper)
     mae_max: float = 0.9  # MAE drop probability p ~ U(0, mae_max) per image (§3.1: 0.9)
     lpips_weight: float = 0.2  # weight of the LPIPS term (Eq 5: 0.2)
+    change_weight: float = 0.0  # extra MSE weight on pixels that differ from the frame before
+    #                              (0 = Eq 5 as written; not in paper: docs/deviations.md)
     lpips_net: str = "vgg"  # LPIPS backbone: vgg (for optimisation) or alex (not in paper)
     soft_cap: float = 50.0  # attention-logit soft cap (§3.4; value from Gemma 2, not in paper)
     space_rope_base: float = 10.0  # 2-D RoPE base over the patch grid (not in paper)
@@ -322,17 +325,39 @@ def make_lpips(net: str, device, pretrained_backbone: bool = True):
     return module.to(device).eval().requires_grad_(False)
 
 
+def change_weights(target: torch.Tensor, change_weight: float) -> torch.Tensor:
+    """Per-pixel MSE weights 1 + change_weight·[pixel differs from the frame before].
+
+    target: (B, T, H, W, 3) in [0, 1] → (B, T, H, W, 1); the first frame of a sequence has no
+    frame before it and keeps weight 1. Not in paper (docs/deviations.md#tokenizerpy): without
+    LPIPS, a mark of a few pixels that lasts a frame or two (the crack on a tree being mined)
+    costs the plain MSE almost nothing, and the tokenizer learns to draw the plain tree. For an
+    autoencoder the weights change what it learns first, not the reconstruction it is trained
+    towards (the frame itself).
+    """
+    changed = (target[:, 1:] != target[:, :-1]).any(-1, keepdim=True)  # (B, T−1, H, W, 1)
+    w = torch.ones_like(target[..., :1])  # (B, T, H, W, 1)
+    w[:, 1:] += change_weight * changed.float()
+    return w
+
+
 def tokenizer_loss(recon: torch.Tensor, target: torch.Tensor, lpips_fn, norms: dict,
-                   lpips_weight: float = 0.2) -> dict:
+                   lpips_weight: float = 0.2, change_weight: float = 0.0) -> dict:
     """Eq 5: L = L_MSE/RMS(L_MSE) + 0.2·L_LPIPS/RMS(L_LPIPS), over all patches of all frames.
 
     recon, target: (B, T, H, W, 3) in [0, 1]. norms: {"mse": RunningRMS, "lpips": RunningRMS}.
+    change_weight > 0 weighs the MSE of changed pixels up (change_weights; not in paper).
     Returns the total and its named terms (raw, un-normalised values for logging).
     """
     # Every pixel of every patch, masked or not: the paper does not restrict the loss to the
     # dropped patches (docs/deviations.md).
-    mse = (recon - target).pow(2).mean()
-    loss = norms["mse"](mse)
+    err = (recon - target).pow(2)  # (B, T, H, W, 3)
+    mse = err.mean()
+    if change_weight > 0:
+        w = change_weights(target, change_weight)  # (B, T, H, W, 1)
+        loss = norms["mse"]((w * err).mean() / w.mean())  # a weighted mean of the squared errors
+    else:
+        loss = norms["mse"](mse)
     out = {"mse": mse.detach()}
     if lpips_fn is not None:
         B, T, H, W, C = recon.shape
@@ -608,7 +633,8 @@ def train(a: Args) -> dict:
             g["lr"] = lr
         with common.autocast(device):
             recon = fwd(frames, mae).float()  # (B, T, H, W, 3)
-        terms = tokenizer_loss(recon, frames.float() / 255, lpips_fn, norms, a.lpips_weight)
+        terms = tokenizer_loss(recon, frames.float() / 255, lpips_fn, norms, a.lpips_weight,
+                               a.change_weight)
         common.check_finite(step, **terms)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()

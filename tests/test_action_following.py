@@ -11,7 +11,7 @@ import torch
 
 import data
 import environment
-from dynamics_eval import follow_hits, shift_window, step_figures
+from dynamics_eval import change_share, find_events, follow_hits, shift_window, step_figures
 from environment import read_frames
 
 SIZE, T = 32, 12  # 32×32 frames (4 pixels per tile), frames per hand-made episode
@@ -160,3 +160,61 @@ def test_shifted_actions_give_other_frames_in_the_real_environment(one_episode):
     np.testing.assert_array_equal(true, recorded["frames"][t + 1:t + 1 + H])
     assert not np.array_equal(late, true), "actions a frame late must give other frames"
     assert not np.array_equal(early, true), "actions a frame early must give other frames"
+
+
+@pytest.fixture
+def calm_world(monkeypatch):
+    """The real environment without its chance events: the creature stays put and steals
+    nothing, no tree regrows."""
+    for name in ("P_CREATURE_MOVE", "P_STEAL", "P_REGROW"):
+        monkeypatch.setattr(environment, name, 0.0)
+
+
+def test_find_events_lists_the_cracks_fellings_and_table_of_a_scripted_episode(calm_world):
+    """The place-table script fells two trees (three `use` presses each) and places a table. The
+    events read off its frames must sit where the script says: a crack at the first press of each
+    run of presses, a felling at the third, the table at the `place` action."""
+    import play
+    env = environment.Env(SIZE, episode_len=1 << 30)
+    frames = [env.reset(play.world_seed(1, 0))]
+    script = play.plan_script(frames[0], "place_table")
+    for a in script:
+        frames.append(env.step(a)[0])
+    use = [bool(a[1]) for a in script]
+    run = [0] * len(script)  # presses in a row up to and including step t
+    for t, u in enumerate(use):
+        run[t] = (run[t - 1] + 1 if t else 1) if u else 0
+    want = {"crack": [t for t in range(len(script)) if run[t] == 1],
+            "fell": [t for t in range(len(script)) if run[t] == 3],
+            "table": [t for t, a in enumerate(script) if a[2]]}
+    events = find_events(np.stack(frames), 0)
+    got = {kind: [t for k, t, _ in events if k == kind] for kind in want}
+    assert got == want and len(want["fell"]) == 2 and len(want["table"]) == 1, (
+        f"expected events at script steps {want}, found {got}")
+
+
+def test_find_events_places_a_move_on_the_agents_new_tile():
+    """Random moves (some blocked): a move event at every step where the environment's own agent
+    changed tile, at its new tile, and at no other step."""
+    env = environment.Env(SIZE)
+    frames, cells = [env.reset(SEED)], [env.agent]
+    rng = np.random.default_rng(1)
+    for _ in range(T - 1):
+        frames.append(env.step(np.array([rng.integers(1, 5), 0, 0, 0]))[0])
+        cells.append(env.agent)
+    want = [(t, tuple(cells[t + 1])) for t in range(T - 1) if cells[t + 1] != cells[t]]
+    got = [(t, tile) for kind, t, tile in find_events(np.stack(frames), 0) if kind == "move"]
+    assert want and got == want, f"expected moves (step, new tile) {want}, found {got}"
+
+
+def test_change_share_is_the_projection_on_the_real_change():
+    before = np.zeros((4, 4, 3))
+    after = before.copy()
+    after[1, 2] = (200, 100, 0)  # one pixel changes
+    half = (before + after) / 2
+    elsewhere = before.copy()
+    elsewhere[3, 3] = 255  # a change where the real one is not: no credit
+    assert change_share(after, before, after) == pytest.approx(1.0)
+    assert change_share(before, before, after) == pytest.approx(0.0)
+    assert change_share(half, before, after) == pytest.approx(0.5)
+    assert change_share(elsewhere, before, after) == pytest.approx(0.0)

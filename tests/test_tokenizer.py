@@ -657,3 +657,28 @@ def test_encode_another_dataset(smoke_run, tmp_path):
     index = json.load(open(enc / "latents" / "index.json"))
     assert index["data"] == os.path.abspath(other)
     assert sum(ep["length"] for s in index["splits"].values() for ep in s) == 4 * 64
+
+
+def test_change_weights_against_a_hand_written_table():
+    # Three frames of 2×2 pixels: pixel (0, 1) changes in one channel from frame 0 to 1,
+    # pixel (1, 0) from frame 1 to 2.
+    target = torch.zeros(1, 3, 2, 2, 3)
+    target[0, 1:, 0, 1, 2] = 0.5
+    target[0, 2, 1, 0, 0] = 0.5
+    w = tk.change_weights(target, 9.0)[0, ..., 0]  # (T, H, W)
+    want = torch.tensor([[[1.0, 1.0], [1.0, 1.0]],     # frame 0: no frame before it
+                         [[1.0, 10.0], [1.0, 1.0]],    # frame 1: (0, 1) differs from frame 0
+                         [[1.0, 1.0], [10.0, 1.0]]])   # frame 2: only (1, 0) differs
+    assert torch.equal(w, want), f"expected the weights\n{want}\ngot\n{w}"
+
+
+def test_change_weight_is_a_weighted_mean_of_the_squared_errors():
+    recon, target = error_in_one_patch()
+    target[:, 1:, :2, :2] = 0.0  # frames 1, 2 differ from the frame before outside this corner
+    w = tk.change_weights(target, 4.0).expand_as(target)
+    slow = float(sum((w[i] * (recon[i] - target[i]) ** 2).sum() for i in range(2)) / w.sum())
+    out = tk.tokenizer_loss(recon, target, None, norms(ms_mse=1.0), change_weight=4.0)
+    want = slow / rms_after(1.0, slow)
+    assert float(out["loss"]) == pytest.approx(want, rel=1e-5), (
+        f"expected Σ w·(recon − target)² / Σ w = {slow:.6g}, divided by its running RMS, "
+        f"= {want:.6g}; got {float(out['loss']):.6g}")
