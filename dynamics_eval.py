@@ -620,7 +620,7 @@ def event_strength(model, tok, held: LatentCache, a: Args, device, per_kind: int
     meta, Tc = held.meta, a.eval_context
     if held.actions is None or meta.get("generator") != data.GENERATOR:
         return {}
-    found = {kind: [] for kind in EVENTS}  # kind → [(global index of frame t, (row, col))]
+    found = {kind: [] for kind in EVENTS}  # kind → [(cache index of frame t, tile, x_t, x_t+1)]
     for ep in held.episodes:
         frames = np.load(os.path.join(held.data_root, f"{ep['id']}.npz"))["frames"]
         for kind, t, tile in find_events(frames, Tc - 1):
