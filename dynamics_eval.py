@@ -186,6 +186,16 @@ def moving_pixel_scores(ro: dict, recon: torch.Tensor, a: Args) -> dict:
     return out
 
 
+def next_frame_levels(B: int, T: int, a: Args, d_last: float, device) -> tuple:
+    """(τ, d), each (B, T), of one step after a history: the T − 1 history frames at τ_ctx tagged
+    d_min, the last frame from pure noise (τ = 0; τ = 1 is clean) at step size d_last."""
+    tau = torch.full((B, T), context_signal_level(a.ctx_tau, a.k_max), device=device)  # (B, T)
+    tau[:, -1] = 0.0
+    d = torch.full((B, T), 1.0 / a.k_max, device=device)  # (B, T)
+    d[:, -1] = d_last
+    return tau, d
+
+
 @torch.no_grad()
 def action_probe(model, held: LatentCache, a: Args, device, T: int = 8) -> dict:
     """Action use without sampling noise (not in paper): T − 1 held-out history frames at τ_ctx,
@@ -204,10 +214,7 @@ def action_probe(model, held: LatentCache, a: Args, device, T: int = 8) -> dict:
     differs = (shuffled[:, T - 2] != acts[:, T - 2]).any(-1)  # (B,)
     if not differs.any():  # (tiny held-out splits)
         return {}
-    # history at τ_ctx, the frame to predict from pure noise
-    tau = torch.full((n, T), context_signal_level(a.ctx_tau, a.k_max), device=device)  # (B, T)
-    tau[:, -1] = 0.0
-    d = torch.full((n, T), 1.0 / a.k_max, device=device)  # (B, T)
+    tau, d = next_frame_levels(n, T, a, 1.0 / a.k_max, device)  # (B, T) each
     gen = torch.Generator(device).manual_seed(a.seed + 997)
     noise = torch.randn(clean.shape, generator=gen, device=device)
     z_tilde = corrupt(noise, clean, tau)  # Eq 6, τ = 1 clean
@@ -628,7 +635,7 @@ def event_strength(model, tok, held: LatentCache, a: Args, device, per_kind: int
                 found[kind].append((ep["offset"] + t, tile, frames[t], frames[t + 1]))
         if all(len(v) == per_kind for v in found.values()):
             break
-    tau_ctx, s = context_signal_level(a.ctx_tau, a.k_max), meta["image_size"] // 8
+    s = meta["image_size"] // 8  # tile size in pixels
     gen = torch.Generator(device).manual_seed(a.seed + 991)
     out = {}
     for kind, events in found.items():
@@ -639,11 +646,7 @@ def event_strength(model, tok, held: LatentCache, a: Args, device, per_kind: int
         latents = torch.from_numpy(np.asarray(held.latents[idx], np.float32)).to(device)
         clean = pack(latents)  # (B, T_c + 1, N_z, C_z): the history, then the real next frame
         acts = torch.from_numpy(np.asarray(held.actions[idx])).to(device)  # (B, T_c + 1, A)
-        B, T = clean.shape[:2]
-        tau = torch.full((B, T), tau_ctx, device=device)  # (B, T) history at τ_ctx …
-        tau[:, -1] = 0.0  # … the new frame from pure noise
-        d = torch.full((B, T), 1.0 / a.k_max, device=device)  # (B, T) history tagged d_min …
-        d[:, -1] = 1.0 / a.sample_k  # … the new frame at the sampler's step
+        tau, d = next_frame_levels(*clean.shape[:2], a, 1.0 / a.sample_k, device)  # (B, T) each
         mean = 0
         for _ in range(draws):
             noise = torch.randn(clean.shape, generator=gen, device=device)
