@@ -157,6 +157,7 @@ def _generate_into(args: Args, root: str, tmp: str) -> str:
                   flush=True)
     gen_s, rewards = time.time() - t0, np.concatenate(all_rewards)  # (episodes, T, n_tasks)
     meta = {"format_version": 1, "generator": GENERATOR,
+            "render_version": environment.RENDER_VERSION,
             "name": os.path.basename(root.rstrip("/")),
             "image_size": args.image_size, "fps": args.fps, "episode_len": args.episode_len,
             "action_components": [list(c) for c in environment.ACTION_COMPONENTS],
@@ -886,11 +887,18 @@ def ensure_dataset(name_or_path: str) -> str:
         if name in BUILTIN and os.path.exists(meta_path):
             want = PRESETS.get(BUILTIN[name], {}).get("episodes", Args.episodes)
             with open(meta_path) as f:
-                have = json.load(f).get("episodes")
+                meta = json.load(f)
+            have = meta.get("episodes")
             if have != want:  # e.g. a folder written before the preset grew
                 print(f"!! {path} holds {have} episodes but the built-in '{name}' preset now "
                       f"writes {want}: figures will differ from the README's. Delete {path} to "
                       f"regenerate it.", flush=True)
+            drawn = meta.get("render_version", 1)  # datasets before the version was recorded: 1
+            if drawn != environment.RENDER_VERSION:
+                print(f"!! {path} was drawn by older sprites (render version {drawn}, now "
+                      f"{environment.RENDER_VERSION}): the evaluation in the real environment "
+                      f"will not look like the training frames. Delete {path} to regenerate it.",
+                      flush=True)
         return path
     if name not in BUILTIN:
         raise FileNotFoundError(f"dataset {path} does not exist. Built-in datasets: "

@@ -74,6 +74,11 @@ MINE = {TREE: (None, WOOD, 0),  # tile: (tool needed, item, task)
 MINABLE = [TREE, STONE, IRON, DIAMOND]
 # not in paper: mining holds `use` for HARDNESS presses, as in Minecraft (docs/deviations.md)
 HARDNESS = {TREE: 3, STONE: 4, IRON: 5, DIAMOND: 6}  # consecutive `use` presses to break a tile
+CRACK_COLOUR = (235, 215, 160)  # the pale split on a tile being mined (see _sprites)
+# The look of the frames: raised whenever a sprite changes, recorded in each dataset's meta.json so
+# that a dataset drawn by older sprites is recognised (data.ensure_dataset). 2: the wide pale split
+# of 2026-12-05 in place of a one-pixel dark crack.
+RENDER_VERSION = 2
 RECIPES = [(WOOD_PICK, {WOOD: 1}, 2),  # (tool, cost, task)
            (STONE_PICK, {WOOD: 1, STONE_I: 1}, 4),
            (IRON_PICK, {WOOD: 1, IRON_I: 1}, 6)]
@@ -280,10 +285,14 @@ def _sprites(image_size: int) -> dict:
               for g in (grass, path) for dv, du in [(-1, 0), (1, 0), (0, -1), (0, 1)]]
     creature = abs(u - 0.5) + abs(v - 0.5) < 0.45
     tiles += [paint(g, (creature, (215, 40, 60))) for g in (grass, path)]
-    # Mining progress, crack stages 1…4 of each minable terrain: a dark crack grows along the
-    # diagonal.
-    tiles += [np.where(((np.abs(u + v - 1) < 0.55 / s) & (v < stage / 4))[..., None],
-                       np.uint8(25), tiles[terrain])
+    # Mining progress, crack stages 1…4 of each minable terrain: a pale split grows down the
+    # diagonal. Wide and bright so that a 32×32 frame tells the stages apart: at 4 pixels a tile
+    # a tree's stages 2 and 3 (after its first and second press) cover 5 and 8 pixels; a one-pixel
+    # dark crack made them differ in a single low-contrast pixel, which no tokenizer kept
+    # (docs/log.md, "Weighting the pixels that change in the tokenizer").
+    split = np.array(CRACK_COLOUR, np.uint8)
+    tiles += [np.where(((np.abs(u + v - 1) < 0.3) & (v < stage / 4))[..., None],
+                       split, tiles[terrain])
               for terrain in MINABLE for stage in range(1, 5)]
     # Inventory slots: a bar of `count` quarters for materials, a pickaxe icon (head colour =
     # material) for tools.

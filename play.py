@@ -7,7 +7,8 @@ K = 4 shortcut steps from pure noise with the KV cache (§3.2), decoded by the t
 environment can run beside it under the same keys. A trained agent can act in the dream until a
 key takes over. What was played goes to a GIF. The interaction test plans short scripts on a real
 frame (chop a tree, place a table), plays them in the dream and in the real environment, and
-reads the outcome off the frames.
+reads the outcome off the frames; then a player who acts on each frame it is shown plays the same
+tasks in both, as the paper's people do.
 
 Reads:  a dynamics checkpoint (`python dynamics.py`, or the shipped models/cpu/dynamics.pt) or
         an agent checkpoint (`python agent.py`, models/cpu/agent.pt), and its tokenizer.
@@ -31,6 +32,7 @@ keys pressed together and repeated by *n; agent*n lets the agent act n frames.
 Paper map (no equations in this file; the steps are those of dynamics.py and agent.py):
     §4.2 interactive inference, real time                 -> Dream, play_window, play_script
     §4.2 interaction test (tasks played in the model)     -> plan_script, interaction_test
+         ... by a player who sees the frames               -> player_action, closed_loop_test
 
 How a session starts, the keys and the interaction test are our choices (the paper describes
 people playing Minecraft): docs/deviations.md, section play.py.
@@ -423,6 +425,9 @@ def play_window(a: Args, dream: Dream, size: int) -> None:
 
 
 TASKS = {"chop_tree": 1, "place_table": 2}  # trees to chop first
+# The closed-loop player's frames per world: this many times the open-loop script's length
+# (our choice: room for a dream that draws an event a few frames late, not for wandering).
+CLOSED_SLACK = 2
 
 
 def terrain_of(app: np.ndarray) -> tuple:
@@ -439,43 +444,87 @@ def terrain_of(app: np.ndarray) -> tuple:
     return grid, (tuple(int(v) for v in cells[0]) if len(cells) else None)
 
 
+def route_to_tree(grid: np.ndarray, agent: tuple, creature) -> tuple | None:
+    """The shortest walk (breadth-first over walkable tiles; the creature's tile counts as
+    blocked) from the agent's tile to a tile beside the nearest tree, and the move that faces the
+    tree from there. grid (ROWS, COLS) terrain ids. Returns (path of tiles from the agent's to the
+    one to stand on, face move 1…4), or None if no tree can be reached."""
+    passable = np.isin(grid, env.WALKABLE)
+    if creature is not None:
+        passable[creature] = False
+    parent = env._bfs(passable, agent)  # {cell: parent} of every reachable cell
+    goals = [(c, m) for c in parent for m in range(1, 5)
+             if env._inside(env._next(c, m)) and grid[env._next(c, m)] == env.TREE]
+    if not goals:
+        return None
+    depth = {}
+    for c in parent:  # path length of every reachable cell (parents come first)
+        depth[c] = 0 if parent[c] is None else depth[parent[c]] + 1
+    stand, face = min(goals, key=lambda g: (depth[g[0]], g[1]))
+    path = [stand]
+    while parent[path[-1]] is not None:
+        path.append(parent[path[-1]])
+    return path[::-1], face
+
+
 def plan_script(frame: np.ndarray, task: str) -> list | None:
     """An open-loop action list for `task`, planned on one real frame (H, W, 3): walk the shortest
-    path (breadth-first over walkable tiles; the creature's tile counts as blocked) to a tile
-    beside the nearest tree, turn to it, press use until it falls; for place_table do this
-    twice and place the table where the second tree stood. None if no tree can be reached.
-    The creature moves and may steal wood, so a script can fail in the real world too."""
+    path to a tile beside the nearest tree (route_to_tree), turn to it, press use until it falls;
+    for place_table do this twice and place the table where the second tree stood. None if no
+    tree can be reached. The creature moves and may steal wood, so a script can fail in the real
+    world too."""
     app = env.decode_frames(frame[None])["app"][0]  # (ROWS, COLS) appearance ids
     cell, _ = de.agent_of(app[None])
     grid, creature = terrain_of(app)
     agent = divmod(int(cell[0]), env.COLS)
     actions = []
     for _ in range(TASKS[task]):
-        passable = np.isin(grid, env.WALKABLE)
-        if creature is not None:
-            passable[creature] = False
-        parent = env._bfs(passable, agent)  # {cell: parent} of every reachable cell
-        goals = [(c, m) for c in parent for m in range(1, 5)
-                 if env._inside(env._next(c, m)) and grid[env._next(c, m)] == env.TREE]
-        if not goals:
+        route = route_to_tree(grid, agent, creature)
+        if route is None:
             return None
-        depth = {}
-        for c in parent:  # path length of every reachable cell (parents come first)
-            depth[c] = 0 if parent[c] is None else depth[parent[c]] + 1
-        stand, face = min(goals, key=lambda g: (depth[g[0]], g[1]))
-        path = [stand]
-        while parent[path[-1]] is not None:
-            path.append(parent[path[-1]])
-        for prev, nxt in zip(path[::-1], path[-2::-1]):  # walk: one move per tile
+        path, face = route
+        for prev, nxt in zip(path, path[1:]):  # walk: one move per tile
             move = env.MOVES.index((nxt[0] - prev[0], nxt[1] - prev[1]))
             actions.append(np.array([move, 0, 0, 0], np.int64))
         actions.append(np.array([face, 0, 0, 0], np.int64))  # blocked by the tree: turns to it
         actions += [np.array([0, 1, 0, 0], np.int64)] * env.HARDNESS[env.TREE]
-        tree = env._next(stand, face)
-        grid[tree], agent = env.GRASS, stand  # a felled tree leaves grass
+        tree = env._next(path[-1], face)
+        grid[tree], agent = env.GRASS, path[-1]  # a felled tree leaves grass
     if task == "place_table":  # facing the grass where the second tree stood
         actions.append(np.array([0, 0, 1, 0], np.int64))
     return actions
+
+
+def player_action(frame, start, task: str) -> np.ndarray:
+    """The key a player who looks at `frame` (H, W, 3; 0…255, read as the nearest sprites) presses
+    next for `task`, having started at frame `start`: the closed-loop half of the interaction
+    test, as the paper's people act on what the screen shows. Done (task_done against `start`):
+    noop. Facing a tree (cracked or not): use. place_table with the wood for a table, facing free
+    grass or path: place. Otherwise the first step of route_to_tree (at its end: the turn to the
+    tree). An unreadable agent (not exactly one agent tile): noop. Returns (A,) int64."""
+    if task_done(np.asarray(start)[None], np.asarray(frame)[None], task)[0]:
+        return NOOP.copy()
+    state = env.read_frames(np.asarray(frame)[None])
+    app, wood = state["app"][0], int(state["inv"][0, env.WOOD])  # (ROWS, COLS), wood count
+    cell, facing = de.agent_of(app[None])
+    if cell[0] < 0:
+        return NOOP.copy()
+    grid, creature = terrain_of(app)
+    agent = divmod(int(cell[0]), env.COLS)
+    faced = env._next(agent, int(facing[0]) + 1)  # facing 0…3 is move 1…4
+    if env._inside(faced) and grid[faced] == env.TREE:
+        return np.array([0, 1, 0, 0], np.int64)
+    if (task == "place_table" and wood >= env.TABLE_COST and env._inside(faced)
+            and grid[faced] in env.WALKABLE and faced != creature):
+        return np.array([0, 0, 1, 0], np.int64)
+    route = route_to_tree(grid, agent, creature)
+    if route is None:
+        return NOOP.copy()
+    path, face = route
+    if len(path) == 1:  # beside the tree, not facing it: the blocked move turns the agent
+        return np.array([face, 0, 0, 0], np.int64)
+    move = env.MOVES.index((path[1][0] - agent[0], path[1][1] - agent[1]))
+    return np.array([move, 0, 0, 0], np.int64)
 
 
 def task_done(start: np.ndarray, end: np.ndarray, task: str) -> np.ndarray:
@@ -551,6 +600,58 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
     return result
 
 
+def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
+    """The interaction test with a player who sees the frames (player_action), as the paper's
+    people do: in each world the same player acts on the real frames in the real environment and
+    on the dream's frames in the dream, for CLOSED_SLACK times the open-loop script's length
+    (plan_script; worlds without a plan are left out, as there); success read off the last frame
+    against the first, as in interaction_test, and in the tokenizer's pictures of the real
+    frames. A dream that draws a crack one press late still lets the player finish; a dream that
+    never fells the tree does not."""
+    result = {}
+    for task in TASKS:
+        seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
+        envs, frames, acts = real_start(seeds, size, a.context)
+        scripts = [plan_script(f[-1], task) for f in frames]
+        keep = [i for i, s in enumerate(scripts) if s is not None]
+        envs, frames, acts = [envs[i] for i in keep], frames[keep], acts[keep]
+        budget = np.array([CLOSED_SLACK * len(scripts[i]) for i in keep])  # (B,) frames
+        t0 = time.time()
+        real_start_frame, dream_start = frames[:, -1], dream.start(frames, acts)  # (B, H, W, 3)
+        real_now, dream_now, real, dreamed = real_start_frame, dream_start, [], []
+        for t in range(int(budget.max())):
+            live = t < budget  # (B,) worlds still within their budget
+            keys_real = np.stack([player_action(f, f0, task) if on else NOOP for f, f0, on
+                                  in zip(real_now, real_start_frame, live)])  # (B, A)
+            keys_dream = np.stack([player_action(f, f0, task) if on else NOOP for f, f0, on
+                                   in zip(dream_now, dream_start, live)])  # (B, A)
+            real_now = np.stack([e.step(x)[0] for e, x in zip(envs, keys_real)])  # (B, H, W, 3)
+            dream_now = dream.step(keys_dream)  # (B, H, W, 3)
+            real.append(real_now)
+            dreamed.append(dream_now)
+        wall = time.time() - t0
+        real, dreamed = np.stack(real, 1), np.stack(dreamed, 1)  # (B, L, H, W, 3)
+        ends, rows = budget - 1, np.arange(len(keep))
+        real_ok = task_done(real_start_frame, real[rows, ends], task)
+        dream_ok = task_done(dream_start, dreamed[rows, ends], task)
+        shown = roundtrip(dream, np.concatenate([frames, real], 1))  # (B, T_c + L, H, W, 3)
+        C = frames.shape[1]
+        tok_ok = task_done(shown[:, C - 1], shown[rows, C + ends], task)
+        result[task] = {
+            "worlds": len(keep), "no_plan": a.worlds - len(keep),
+            "budget_mean": float(budget.mean()),
+            "real_success": float(real_ok.mean()), "dream_success": float(dream_ok.mean()),
+            "tokenizer_success": float(tok_ok.mean()),
+            "dream_over_real": float(dream_ok.mean() / max(real_ok.mean(), 1e-9)),
+            "agree": float((real_ok == dream_ok).mean()),
+            "wall_s": wall}
+        r = result[task]
+        print(f"{task:12s} a player who sees the frames, {r['budget_mean']:.1f} frames: "
+              f"real {r['real_success']:.2f}, tokenizer {r['tokenizer_success']:.2f}, "
+              f"dream {r['dream_success']:.2f} ({100 * r['dream_over_real']:.0f} % of real)")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     a = common.parse_args(Args, PRESETS, argv)
     common.seed_everything(a.seed)
@@ -559,7 +660,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     dream = Dream(model, tok, a.sample_k, ctx_tau, a.seed, device)
     size = tok.image_size
     if a.interaction:
-        result = {"tasks": interaction_test(a, dream, size), "sample_k": a.sample_k,
+        print("open loop: the script planned on the last real frame, played blind")
+        tasks = interaction_test(a, dream, size)
+        print(f"closed loop: a player who acts on each frame it is shown, for {CLOSED_SLACK}× "
+              f"the script's length")
+        result = {"tasks": tasks, "closed_loop": closed_loop_test(a, dream, size),
+                  "closed_slack": CLOSED_SLACK, "sample_k": a.sample_k,
                   "context": a.context, "world_model": a.agent or a.dynamics}
         os.makedirs(a.out, exist_ok=True)
         common.write_json(os.path.join(a.out, "interaction.json"), result)

@@ -404,6 +404,19 @@ def test_ensure_dataset_finds_an_existing_dataset(smoke, tmp_path, monkeypatch, 
     assert "generating" not in capsys.readouterr().out
 
 
+def test_ensure_dataset_warns_about_a_builtin_dataset_drawn_by_older_sprites(
+        smoke, tmp_path, monkeypatch, capsys):
+    shutil.copytree(smoke, tmp_path / "data" / "smoke")
+    monkeypatch.chdir(tmp_path)
+    assert "older sprites" not in (data.ensure_dataset("data/smoke") and capsys.readouterr().out)
+    meta = data.load_meta("data/smoke")
+    del meta["render_version"]  # a dataset written before the version was recorded
+    data.write_meta("data/smoke", meta)
+    data.ensure_dataset("data/smoke")
+    out = capsys.readouterr().out
+    assert "older sprites" in out and "Delete data/smoke" in out
+
+
 # ---------------------------------------------------------------- episodes without meta.json
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,50 @@ def test_planned_scripts_reach_their_task_in_a_calm_real_world(calm_world, task)
         assert not play.task_done(first[None], first[None], task)[0]
 
 
+@pytest.mark.parametrize("task", list(play.TASKS))
+def test_the_player_who_sees_the_frames_reaches_its_task_in_a_calm_real_world(calm_world, task):
+    """Closed loop: player_action on each real frame reaches the task within the open-loop
+    script's length (the closed-loop test allows twice that), then idles."""
+    for i in range(20):
+        e = env.Env(32, episode_len=1 << 30)
+        first = now = e.reset(play.world_seed(1, i))
+        budget = len(play.plan_script(first, task))
+        for _ in range(budget):
+            now = e.step(play.player_action(now, first, task))[0]
+        assert play.task_done(first[None], now[None], task)[0], f"world {i}: {task} failed"
+        assert (play.player_action(now, first, task) == play.NOOP).all()
+
+
+def layout_world(agent, facing, trees, wood=0):
+    """A grass world with the agent at `agent` facing 0…3 (up, down, left, right), trees at the
+    listed tiles, the creature in the bottom-right corner, `wood` in the inventory: its frame."""
+    e = env.Env(32, episode_len=1 << 30)
+    e.reset(0)
+    e.grid[:] = env.GRASS
+    for cell in trees:
+        e.grid[cell] = env.TREE
+    e.agent, e.facing, e.creature = agent, facing, (env.ROWS - 1, env.COLS - 1)
+    e.inv = [0] * len(env.INVENTORY)
+    e.inv[env.WOOD] = wood
+    e.progress, e.mining = 0, None
+    return e.render()
+
+
+@pytest.mark.parametrize("facing, trees, wood, task, key", [
+    (3, [(2, 3)], 0, "chop_tree", [0, 1, 0, 0]),     # facing the tree: use
+    (0, [(2, 3)], 0, "chop_tree", [4, 0, 0, 0]),     # beside it, facing up: turn right
+    (3, [(2, 5)], 0, "chop_tree", [4, 0, 0, 0]),     # two tiles away: step right
+    (3, [(2, 5)], 2, "place_table", [0, 0, 1, 0]),   # wood for a table, grass ahead: place
+    (3, [(2, 5)], 1, "place_table", [4, 0, 0, 0]),   # one wood short: walk to the tree
+])
+def test_player_action_against_hand_laid_worlds(facing, trees, wood, task, key):
+    start = layout_world((2, 2), facing, trees, wood=0)
+    frame = layout_world((2, 2), facing, trees, wood=wood)
+    if task == "place_table":  # the wood was there at the start: placing is what remains
+        start = frame
+    assert play.player_action(frame, start, task).tolist() == key
+
+
 def test_task_done_counts_wood_and_tables_gained_since_the_start():
     e = env.Env(32, episode_len=1 << 30)
     start = e.reset(play.world_seed(0, 0))[None]
@@ -194,10 +238,10 @@ def test_interaction_test_writes_both_tasks(smoke_dynamics, tmp_path):
         "--out", str(tmp_path))
     result = json.load(open(tmp_path / "interaction.json"))
     for task in play.TASKS:
-        r = result["tasks"][task]
-        assert r["worlds"] + r["no_plan"] == 4
-        assert 0 <= r["dream_success"] <= 1 and 0 <= r["real_success"] <= 1
-        assert 0 <= r["tokenizer_success"] <= 1
+        for r in (result["tasks"][task], result["closed_loop"][task]):  # open and closed loop
+            assert r["worlds"] + r["no_plan"] == 4
+            assert 0 <= r["dream_success"] <= 1 and 0 <= r["real_success"] <= 1
+            assert 0 <= r["tokenizer_success"] <= 1
 
 
 def test_window_keys_make_frames_and_take_control_back_from_the_agent(monkeypatch, tmp_path):
