@@ -372,8 +372,10 @@ class ContractorPolicy:
     but like a hired human only partly diligently. Each episode draws `skill` (chance of following
     the script, else a wandering excursion of `sticky` length), `ambition` (the highest task it
     bothers with: most stop early, which keeps the diamond rare), `hoard` (wood gathered before
-    building), `mash` (stray button presses) and `scares` (chases the creature off). skill=1,
-    ambition=7 (fixed for all players) is an expert: what the ladder allows."""
+    building), `mash` (stray button presses), `scares` (chases the creature off) and `still`
+    (chance of pressing a button alone when it already faces the tile, instead of holding the
+    direction key with it: both mine, and a world model must see both). skill=1, ambition=7
+    (fixed for all players) is an expert: what the ladder allows."""
 
     AMBITION = [.05, .1, .15, .15, .15, .15, .15, .1]  # P(highest task it bothers with)
 
@@ -390,7 +392,7 @@ class ContractorPolicy:
             self.profiles.append({"skill": skill, "ambition": ambition,
                                   "hoard": int(r.integers(2, 5)), "sticky": r.uniform(0.5, 0.9),
                                   "mash": r.uniform(0, 0.1), "scares": bool(r.random() < 0.5),
-                                  "excursion": 0,
+                                  "still": r.uniform(0, 1), "excursion": 0,
                                   "last": np.zeros(len(ACTION_COMPONENTS), np.int64)})
 
     def act(self, frames: np.ndarray) -> np.ndarray:
@@ -436,9 +438,9 @@ class ContractorPolicy:
                   (inv[DIAMOND_I], 7)]
         task = next((k for done, k in ladder if not done), len(TASKS))
         if task > p["ambition"]:  # done with what it meant to do: potter about, gather some wood
-            return None if inv[WOOD] else self._walk(agent, grid, inv, creature, TREE)
+            return None if inv[WOOD] else self._walk(p, agent, facing, grid, inv, creature, TREE)
         if p["scares"] and _distance(creature, agent) == 1:
-            return self._face_and(agent, creature, button=1)
+            return self._face_and(p, agent, facing, creature, button=1)
         if task == 1 and inv[WOOD] >= min(max(TABLE_COST, p["hoard"]), MAX_COUNT):
             faced = _next(agent, facing + 1)
             if _inside(faced) and grid[faced] in WALKABLE and faced != creature:
@@ -447,15 +449,20 @@ class ContractorPolicy:
         # Mine the rung's material, or craft its pickaxe at a table (each pickaxe costs one wood:
         # get some first).
         tile = {1: TREE, 3: STONE, 5: IRON, 7: DIAMOND}.get(task, TABLE if inv[WOOD] else TREE)
-        return self._walk(agent, grid, inv, creature, tile, button=3 if tile == TABLE else 1)
+        return self._walk(p, agent, facing, grid, inv, creature, tile,
+                          button=3 if tile == TABLE else 1)
 
-    def _face_and(self, agent, cell, button=0) -> np.ndarray:
+    def _face_and(self, p: dict, agent, facing: int, cell, button=0) -> np.ndarray:
         """Move toward an adjacent cell (a blocked move only turns) and press `button`
-        (1 use, 3 craft)."""
+        (1 use, 3 craft). Already facing it, a player presses the button alone with chance
+        p["still"] (a human mining in Minecraft keeps still; the direction key held with it does
+        the same here, as the blocked move only turns)."""
         move = 1 + MOVES[1:].index((cell[0] - agent[0], cell[1] - agent[1]))
+        if button and move == facing + 1 and self.rng.random() < p["still"]:
+            move = 0
         return np.array([move, button == 1, button == 2, button == 3], np.int64)
 
-    def _walk(self, agent, grid, inv, creature, tile, button=1):
+    def _walk(self, p: dict, agent, facing: int, grid, inv, creature, tile, button=1):
         """The first action of a shortest path (BFS through walkable tiles and tiles we can mine
         on the way) next to a `tile`: a step, or turn + use to clear an obstacle, or at the end:
         face it and press `button`."""
@@ -469,10 +476,11 @@ class ContractorPolicy:
             if goal is None:
                 continue
             if cell == agent:
-                return self._face_and(agent, goal, button)
+                return self._face_and(p, agent, facing, goal, button)
             while parent[cell] != agent:  # walk back to the first step of the path
                 cell = parent[cell]
-            return self._face_and(agent, cell, button=1 if grid[cell] not in WALKABLE else 0)
+            button = 1 if grid[cell] not in WALKABLE else 0
+            return self._face_and(p, agent, facing, cell, button=button)
         return None
 
 
