@@ -576,7 +576,7 @@ def action_following(model, tok, held: LatentCache, a: Args, device, ro: dict,
 
 # ---- Event strength: which action effects has the model learned? (built-in world) --------------
 
-EVENTS = ("move", "crack", "fell", "table")  # the kinds event_strength measures
+EVENTS = ("move", "crack", "fell", "table", "wood")  # the kinds event_strength measures
 
 
 def find_events(frames: np.ndarray, first: int) -> list:
@@ -586,6 +586,7 @@ def find_events(frames: np.ndarray, first: int) -> list:
         crack  a tree shows a crack it did not show before         that tree (the first `use`)
         fell   a tree is gone and the wood count rose              where it stood (the third)
         table  a table stands where none did                       the table
+        wood   the wood count rose (a felling, drawn in the strip)  the inventory's wood slot
     """
     s = environment.decode_frames(frames)
     app, wood = s["app"], s["inv"][:, environment.WOOD]  # (T, ROWS, COLS), (T,)
@@ -603,6 +604,8 @@ def find_events(frames: np.ndarray, first: int) -> list:
                             ("table", table[t + 1] & ~table[t])):
             if where is not None and where.sum() == 1:
                 events.append((kind, t, tuple(int(i) for i in np.argwhere(where)[0])))
+        if wood[t + 1] > wood[t]:  # the strip is tile row ROWS of the frame
+            events.append(("wood", t, (environment.ROWS, environment.WOOD)))
     return events
 
 

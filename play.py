@@ -600,6 +600,23 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
     return result
 
 
+def tree_marks(start: np.ndarray, frames: np.ndarray, ends: np.ndarray) -> tuple:
+    """Per world: does any of frames (B, L, H, W, 3) up to ends (B,) show a cracked tree, and does
+    the frame at ends show fewer trees (cracked or not) than start (B, H, W, 3)? Read as the
+    nearest sprites. Returns two (B,) bool arrays."""
+    B, L = frames.shape[:2]
+    app = env.read_frames(frames.reshape(B * L, *frames.shape[2:]))["app"]
+    app = app.reshape(B, L, env.ROWS, env.COLS)  # (B, L, ROWS, COLS)
+    first = env.CRACK_APP + 4 * env.MINABLE.index(env.TREE)
+    cracked = ((app >= first) & (app < first + 4)).any((2, 3))  # (B, L)
+    crack_seen = (cracked & (np.arange(L) <= ends[:, None])).any(1)  # (B,)
+
+    def trees(a):  # (..., ROWS, COLS) → (...) trees standing, cracked or not
+        return ((a == env.TREE) | ((a >= first) & (a < first + 4))).sum((-2, -1))
+    fewer = trees(app[np.arange(B), ends]) < trees(env.read_frames(start)["app"])
+    return crack_seen, fewer
+
+
 def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
     """The interaction test with a player who sees the frames (player_action), as the paper's
     people do: in each world the same player acts on the real frames in the real environment and
@@ -637,9 +654,17 @@ def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
         shown = roundtrip(dream, np.concatenate([frames, real], 1))  # (B, T_c + L, H, W, 3)
         C = frames.shape[1]
         tok_ok = task_done(shown[:, C - 1], shown[rows, C + ends], task)
+        # Where a failure comes from: a crack ever drawn, and fewer trees at the end than at the
+        # start (a felling drawn, whether or not the wood shows in the inventory)
+        crack_real, fewer_real = tree_marks(real_start_frame, real, ends)
+        crack_dream, fewer_dream = tree_marks(dream_start, dreamed, ends)
         result[task] = {
             "worlds": len(keep), "no_plan": a.worlds - len(keep),
             "budget_mean": float(budget.mean()),
+            "real_crack_seen": float(crack_real.mean()),
+            "dream_crack_seen": float(crack_dream.mean()),
+            "real_fewer_trees": float(fewer_real.mean()),
+            "dream_fewer_trees": float(fewer_dream.mean()),
             "real_success": float(real_ok.mean()), "dream_success": float(dream_ok.mean()),
             "tokenizer_success": float(tok_ok.mean()),
             "dream_over_real": float(dream_ok.mean() / max(real_ok.mean(), 1e-9)),
@@ -648,7 +673,10 @@ def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
         r = result[task]
         print(f"{task:12s} a player who sees the frames, {r['budget_mean']:.1f} frames: "
               f"real {r['real_success']:.2f}, tokenizer {r['tokenizer_success']:.2f}, "
-              f"dream {r['dream_success']:.2f} ({100 * r['dream_over_real']:.0f} % of real)")
+              f"dream {r['dream_success']:.2f} ({100 * r['dream_over_real']:.0f} % of real); "
+              f"a crack drawn {r['dream_crack_seen']:.2f} (real {r['real_crack_seen']:.2f}), "
+              f"fewer trees at the end {r['dream_fewer_trees']:.2f} "
+              f"(real {r['real_fewer_trees']:.2f})")
     return result
 
 

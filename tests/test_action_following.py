@@ -173,7 +173,7 @@ def calm_world(monkeypatch):
 def test_find_events_lists_the_cracks_fellings_and_table_of_a_scripted_episode(calm_world):
     """The place-table script fells two trees (three `use` presses each) and places a table. The
     events read off its frames must sit where the script says: a crack at the first press of each
-    run of presses, a felling at the third, the table at the `place` action."""
+    run of presses, a felling and a wood at the third, the table at the `place` action."""
     import play
     env = environment.Env(SIZE, episode_len=1 << 30)
     frames = [env.reset(play.world_seed(1, 0))]
@@ -186,7 +186,8 @@ def test_find_events_lists_the_cracks_fellings_and_table_of_a_scripted_episode(c
         run[t] = (run[t - 1] + 1 if t else 1) if u else 0
     want = {"crack": [t for t in range(len(script)) if run[t] == 1],
             "fell": [t for t in range(len(script)) if run[t] == 3],
-            "table": [t for t, a in enumerate(script) if a[2]]}
+            "table": [t for t, a in enumerate(script) if a[2]],
+            "wood": [t for t in range(len(script)) if run[t] == 3]}  # a felling adds a wood
     events = find_events(np.stack(frames), 0)
     got = {kind: [t for k, t, _ in events if k == kind] for kind in want}
     assert got == want and len(want["fell"]) == 2 and len(want["table"]) == 1, (

@@ -858,7 +858,7 @@ def test_smoke_summary_holds_the_headline_and_instrument_figures(smoke_run):
                 "gen_fps", "cache_speedup_ctx32", "psnr_k4_per_horizon", "loss_by_d",
                 "probe_mse_true", "probe_mse_shuffled", "probe_mse_copy", "probe_action_cost",
                 "psnr_repeat_last_decoded", "psnr_tokenizer_ceiling", "latent_mse_k4",
-                *(f"event_n_{kind}" for kind in ("move", "crack", "fell", "table"))):
+                *(f"event_n_{kind}" for kind in ("move", "crack", "fell", "table", "wood"))):
         assert key in s, key
     assert s["stage"] == "dynamics" and s["steps"] == 6 and len(s["psnr_k4_per_horizon"]) == 3
 

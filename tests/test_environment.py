@@ -151,6 +151,26 @@ def three_component_policy(frames: np.ndarray) -> np.ndarray:
     return np.zeros((len(frames), 3), np.int64)  # (B, 3): one component short
 
 
+def facing_a_tree_frame():
+    """A frame of a grass world with the agent at (2, 2) facing right at a tree at (2, 3)."""
+    e = environment.Env(32)
+    e.reset(0)
+    e.grid[:] = environment.GRASS
+    e.grid[2, 3] = environment.TREE
+    e.agent, e.facing, e.creature = (2, 2), 3, (6, 7)
+    e.inv = [0] * len(environment.INVENTORY)
+    return e.render()
+
+
+@pytest.mark.parametrize("still, want", [(1.0, [0, 1, 0, 0]), (0.0, [4, 1, 0, 0])])
+def test_a_contractor_facing_a_tree_presses_use_alone_or_with_the_direction(still, want):
+    """`still` = 1: use alone; 0: the direction key held with it (both mine the faced tree)."""
+    player = environment.ContractorPolicy(0, skill=1.0, ambition=7)
+    player.reset(1)
+    player.profiles[0].update(still=still, mash=0.0)
+    assert player.act(facing_a_tree_frame()[None])[0].tolist() == want
+
+
 def test_evaluate_accepts_a_plain_callable():
     result = environment.evaluate(noop_policy, episodes=2, image_size=32, episode_len=16)
     assert result["return"]["mean"] == 0

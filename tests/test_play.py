@@ -158,6 +158,18 @@ def test_the_player_who_sees_the_frames_reaches_its_task_in_a_calm_real_world(ca
         assert (play.player_action(now, first, task) == play.NOOP).all()
 
 
+def test_tree_marks_see_a_crack_and_a_felling_in_a_real_chop(calm_world):
+    """A real chop (a planned script): a crack is seen and the last frame has one tree fewer; the
+    same world idling: neither."""
+    e = env.Env(32, episode_len=1 << 30)
+    first = e.reset(play.world_seed(1, 0))
+    chop = np.stack([e.step(a)[0] for a in play.plan_script(first, "chop_tree")])[None]
+    idle = np.repeat(first[None, None], len(chop[0]), 1)  # (1, L, H, W, 3)
+    end = np.array([len(chop[0]) - 1])
+    assert [m.tolist() for m in play.tree_marks(first[None], chop, end)] == [[True], [True]]
+    assert [m.tolist() for m in play.tree_marks(first[None], idle, end)] == [[False], [False]]
+
+
 def layout_world(agent, facing, trees, wood=0):
     """A grass world with the agent at `agent` facing 0…3 (up, down, left, right), trees at the
     listed tiles, the creature in the bottom-right corner, `wood` in the inventory: its frame."""
