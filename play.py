@@ -549,6 +549,17 @@ def roundtrip(dream: Dream, frames: np.ndarray) -> np.ndarray:
     return (y.float().clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
+def planned_worlds(a: Args, task: str, size: int) -> tuple:
+    """The interaction test's worlds for `task`: `a.worlds` evaluation worlds started with
+    real_start, less those where plan_script finds no tree to reach. Returns their envs, context
+    frames (B, T_c, H, W, 3), context actions (B, T_c, A) and open-loop scripts."""
+    seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
+    envs, frames, acts = real_start(seeds, size, a.context)
+    scripts = [plan_script(f[-1], task) for f in frames]
+    keep = [i for i, s in enumerate(scripts) if s is not None]
+    return [envs[i] for i in keep], frames[keep], acts[keep], [scripts[i] for i in keep]
+
+
 def interaction_test(a: Args, dream: Dream, size: int) -> dict:
     """Each task in `a.worlds` evaluation worlds: the script planned on the last real context
     frame, played in the real environment and (all worlds at once) in the dream from the same
@@ -557,12 +568,7 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
     a perfect world model could show at best)."""
     result = {}
     for task in TASKS:
-        seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
-        envs, frames, acts = real_start(seeds, size, a.context)
-        scripts = [plan_script(f[-1], task) for f in frames]
-        keep = [i for i, s in enumerate(scripts) if s is not None]
-        envs, frames, acts = [envs[i] for i in keep], frames[keep], acts[keep]
-        scripts = [scripts[i] for i in keep]
+        envs, frames, acts, scripts = planned_worlds(a, task, size)
         L = max(len(s) for s in scripts)
         # The real frames after each action, idle (NOOP) after the script: (B, L, H, W, 3)
         real = np.stack([np.stack([e.step(x)[0] for x in s + [NOOP] * (L - len(s))])
@@ -627,12 +633,8 @@ def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
     never fells the tree does not."""
     result = {}
     for task in TASKS:
-        seeds = [world_seed(a.seed, i) for i in range(a.worlds)]
-        envs, frames, acts = real_start(seeds, size, a.context)
-        scripts = [plan_script(f[-1], task) for f in frames]
-        keep = [i for i, s in enumerate(scripts) if s is not None]
-        envs, frames, acts = [envs[i] for i in keep], frames[keep], acts[keep]
-        budget = np.array([CLOSED_SLACK * len(scripts[i]) for i in keep])  # (B,) frames
+        envs, frames, acts, scripts = planned_worlds(a, task, size)
+        budget = np.array([CLOSED_SLACK * len(x) for x in scripts])  # (B,) frames
         t0 = time.time()
         real_start_frame, dream_start = frames[:, -1], dream.start(frames, acts)  # (B, H, W, 3)
         real_now, dream_now, real, dreamed = real_start_frame, dream_start, [], []
@@ -648,7 +650,7 @@ def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
             dreamed.append(dream_now)
         wall = time.time() - t0
         real, dreamed = np.stack(real, 1), np.stack(dreamed, 1)  # (B, L, H, W, 3)
-        ends, rows = budget - 1, np.arange(len(keep))
+        ends, rows = budget - 1, np.arange(len(scripts))
         real_ok = task_done(real_start_frame, real[rows, ends], task)
         dream_ok = task_done(dream_start, dreamed[rows, ends], task)
         shown = roundtrip(dream, np.concatenate([frames, real], 1))  # (B, T_c + L, H, W, 3)
@@ -659,7 +661,7 @@ def closed_loop_test(a: Args, dream: Dream, size: int) -> dict:
         crack_real, fewer_real = tree_marks(real_start_frame, real, ends)
         crack_dream, fewer_dream = tree_marks(dream_start, dreamed, ends)
         result[task] = {
-            "worlds": len(keep), "no_plan": a.worlds - len(keep),
+            "worlds": len(scripts), "no_plan": a.worlds - len(scripts),
             "budget_mean": float(budget.mean()),
             "real_crack_seen": float(crack_real.mean()),
             "dream_crack_seen": float(crack_dream.mean()),
