@@ -72,6 +72,7 @@ class Args:
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
     tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
+    event_frac: float = 0.0  # share of sequences holding a milestone (reward) event (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -521,6 +522,22 @@ def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, 
 # ---- Training ------------------------------------------------------------------------------------
 
 
+def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dict:
+    """B training windows of T frames: round(event_frac·B) of them drawn among the windows that
+    hold a milestone (a reward event; `--event-frac`, not in paper, docs/deviations.md), the rest
+    uniformly. The events that the agent stages need are rare (a few per 256 frames); drawing
+    them more often spends more of the budget on what the actions do."""
+    n_event = round(event_frac * B)
+    if n_event == 0:
+        return cache.sample(B, T)
+    if cache.rewards is None:
+        raise SystemExit("--event-frac needs reward labels, and this dataset has none: train "
+                         "with --event-frac 0")
+    uniform, event = cache.sample(B - n_event, T), cache.sample(n_event, T, relevant=True)
+    return {k: None if uniform[k] is None else torch.cat([uniform[k], event[k]])
+            for k in ("latents", "actions", "rewards")}  # (B, T, …) each
+
+
 def batch_shape(step: int, a: Args) -> tuple[int, int]:
     """§3.4 alternating batch lengths: short T₁ ≤ C, every `long_every`-th step long T₂ > C, and
     long batches only for the final `long_only_frac` of training. Returns (batch size, length)."""
@@ -629,7 +646,7 @@ def train(a: Args) -> dict:
         train_data.rng = np.random.default_rng([a.seed, step])
         gen.manual_seed(a.seed * 1_000_003 + step)
         B, T = batch_shape(step, a)
-        batch = train_data.sample(B, T)
+        batch = sample_windows(train_data, B, T, a.event_frac)
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None)

@@ -77,8 +77,9 @@ HARDNESS = {TREE: 3, STONE: 4, IRON: 5, DIAMOND: 6}  # consecutive `use` presses
 CRACK_COLOUR = (235, 215, 160)  # the pale split on a tile being mined (see _sprites)
 # The look of the frames: raised whenever a sprite changes, recorded in each dataset's meta.json so
 # that a dataset drawn by older sprites is recognised (data.ensure_dataset). 2: the wide pale split
-# of 2026-12-05 in place of a one-pixel dark crack.
-RENDER_VERSION = 2
+# of 2026-12-05 in place of a one-pixel dark crack. 3: material slots that light up as a whole
+# (2026-12-06) in place of a two-pixel-wide count bar.
+RENDER_VERSION = 3
 RECIPES = [(WOOD_PICK, {WOOD: 1}, 2),  # (tool, cost, task)
            (STONE_PICK, {WOOD: 1, STONE_I: 1}, 4),
            (IRON_PICK, {WOOD: 1, IRON_I: 1}, 6)]
@@ -294,15 +295,23 @@ def _sprites(image_size: int) -> dict:
     tiles += [np.where(((np.abs(u + v - 1) < 0.3) & (v < stage / 4))[..., None],
                        split, tiles[terrain])
               for terrain in MINABLE for stage in range(1, 5)]
-    # Inventory slots: a bar of `count` quarters for materials, a pickaxe icon (head colour =
-    # material) for tools.
+    # Inventory slots. A material slot that holds anything lights up as a whole in a dim shade of
+    # its colour, and a bar of `count` quarters in full colour rises across its width: the first
+    # wood changes 12 of a slot's 16 pixels at 32×32. A two-pixel-wide bar on a dark slot changed
+    # 2 pixels, which the world model did not draw (docs/log.md, "A slot that lights up"). Tools:
+    # a pickaxe icon, its head in the colour of its material.
     colours, dark = [(150, 95, 40), (170, 170, 175), (230, 150, 95), (90, 235, 235)], (35, 35, 40)
-    bar_u = (u > 0.5 / s) & (u < 1 - max(1, s // 8) / s)  # one dark gap column between slots
+    gap = max(1, s // 8) / s  # one dark gap column between slots
+    slot_u = u < 1 - gap
+    bar_u = (u > 0.5 / s) & (u < 1 - gap)
     handle = (abs(u - 0.45) < 0.2) & (v >= 0.3)
     slots = np.zeros((8, MAX_COUNT + 1, s, s, 3), np.uint8)
     for k, n in np.ndindex(8, MAX_COUNT + 1):
-        if k < 4:
-            slots[k, n] = paint(dark, (bar_u & (v > 1 - n / MAX_COUNT), colours[k]))
+        if k < 4 and n:
+            dim = tuple(int(0.45 * c + 0.55 * d) for c, d in zip(colours[k], dark))
+            slots[k, n] = paint(dark, (slot_u, dim), (slot_u & (v > 1 - n / MAX_COUNT), colours[k]))
+        elif k < 4:
+            slots[k, n] = paint(dark)
         elif k < 7 and n:
             head = bar_u & (v < 0.3)
             slots[k, n] = paint(dark, (head, colours[k - 4]), (handle, (200, 170, 120)))

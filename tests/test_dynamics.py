@@ -969,3 +969,21 @@ def test_action_probe_sees_actions_and_scores_copying_on_the_same_windows(smoke_
     blind, seeing = probe_model(smoke_tokenizer, 0.0), probe_model(smoke_tokenizer, 1.0)
     assert seeing["probe_mse_true"] != seeing["probe_mse_shuffled"]
     assert seeing["probe_mse_copy"] == blind["probe_mse_copy"] > 0  # copying uses no model
+
+
+def test_event_frac_draws_that_share_of_windows_among_those_with_a_milestone(smoke_tokenizer):
+    from tokenizer import LatentCache
+    _, tok = smoke_tokenizer
+    cache = LatentCache(os.path.dirname(tok), "train", seed=0)
+    batch = dy.sample_windows(cache, 16, 4, event_frac=0.25)  # 4 of 16 windows
+    has_event = (batch["rewards"] > 0).flatten(1).any(1)  # (16,)
+    assert has_event[-4:].all()
+    assert batch["latents"].shape[:2] == batch["actions"].shape[:2] == (16, 4)
+
+
+def test_event_frac_zero_samples_uniformly_as_before(smoke_tokenizer):
+    from tokenizer import LatentCache
+    _, tok = smoke_tokenizer
+    a, b = (LatentCache(os.path.dirname(tok), "train", seed=3) for _ in range(2))
+    torch.testing.assert_close(dy.sample_windows(a, 6, 4, 0.0)["latents"],
+                               b.sample(6, 4)["latents"])
