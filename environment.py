@@ -297,9 +297,9 @@ def _sprites(image_size: int) -> dict:
               for terrain in MINABLE for stage in range(1, 5)]
     # Inventory slots. A material slot that holds anything lights up as a whole in a dim shade of
     # its colour, and a bar of `count` quarters in full colour rises across its width: the first
-    # wood changes 12 of a slot's 16 pixels at 32×32. A two-pixel-wide bar on a dark slot changed
-    # 2 pixels, which the world model did not draw (docs/log.md, "A slot that lights up"). Tools:
-    # a pickaxe icon, its head in the colour of its material.
+    # wood changes 12 of a slot's 16 pixels at 32×32, where a two-pixel-wide bar on a dark slot
+    # changed 2, of which the tokenizer kept about half (docs/log.md, "A slot that lights up").
+    # Tools: a pickaxe icon, its head in the colour of its material.
     colours, dark = [(150, 95, 40), (170, 170, 175), (230, 150, 95), (90, 235, 235)], (35, 35, 40)
     gap = max(1, s // 8) / s  # one dark gap column between slots
     slot_u = u < 1 - gap
