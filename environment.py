@@ -307,12 +307,10 @@ def _sprites(image_size: int) -> dict:
     handle = (abs(u - 0.45) < 0.2) & (v >= 0.3)
     slots = np.zeros((8, MAX_COUNT + 1, s, s, 3), np.uint8)
     for k, n in np.ndindex(8, MAX_COUNT + 1):
-        if k < 4 and n:
+        if k < 4 and n:  # a material: the dim slot, then the bar of n quarters
             dim = tuple(int(0.45 * c + 0.55 * d) for c, d in zip(colours[k], dark))
             slots[k, n] = paint(dark, (slot_u, dim), (slot_u & (v > 1 - n / MAX_COUNT), colours[k]))
-        elif k < 4:
-            slots[k, n] = paint(dark)
-        elif k < 7 and n:
+        elif 4 <= k < 7 and n:  # a tool
             head = bar_u & (v < 0.3)
             slots[k, n] = paint(dark, (head, colours[k - 4]), (handle, (200, 170, 120)))
         else:
