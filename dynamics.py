@@ -70,7 +70,7 @@ class Args:
     flow_frac: float = 0.75  # share of rows with every d = d_min; 0 = literal Eq 4 (not in paper)
     ctx_stream: bool = False  # every frame also trained after a history at τ_ctx (not in paper)
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
-    tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (cpu; not in paper)
+    tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     event_frac: float = 0.0  # share of sequences holding a milestone (reward) event (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
