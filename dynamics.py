@@ -72,7 +72,7 @@ class Args:
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
     tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
-    event_frac: float = 0.0  # share of sequences holding a milestone (reward) event (not in paper)
+    event_frac: float = 0.0  # share of rows ending at a milestone (reward) event (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -318,7 +318,7 @@ class DynamicsModel(nn.Module):
 
 def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor,
                           d: torch.Tensor, k_max: int, x_clip: float = 0.0,
-                          weight: str = "ramp") -> dict:
+                          weight: str = "ramp", frame_weight: torch.Tensor | None = None) -> dict:
     """Eq 7, per frame, weighted by Eq 8 and averaged over all frames.
 
     f(z̃, τ, d, rows=None) → ẑ₁: the network (actions, start flags closed over); `rows` (batch
@@ -330,6 +330,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
                                    L = (1 − τ)²·‖(ẑ₁ − z̃)/(1 − τ) − sg(b′ + b″)/2‖²
     x_clip > 0 clamps the half-step x-predictions to ±x_clip (`--boot-clip`, not in paper);
     weight: "ramp" (Eq 8) or "inverse" (`--tau-weight`, not in paper; see tau_weight).
+    frame_weight (B, T), optional: a further weight per frame (`--event-frac`; forcing_batch).
     Returns loss = mean w(τ)·L, its flow and boot parts (loss = flow + boot), and L (B, T).
     """
 
@@ -361,6 +362,8 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
     w = tau_weight(tau, weight)  # Eq 8 (or --tau-weight) on both terms: the paper does not say
+    if frame_weight is not None:  # --event-frac: an event row's loss is its event frame's
+        w = w * frame_weight
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
             "flow": (w * per_frame * is_flow).sum().detach() / n,
@@ -370,26 +373,32 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
 
 def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
                   gen: torch.Generator, k_min: int = 1, flow_frac: float = 0.0,
-                  history_tau: float | None = None) -> dict:
+                  history_tau: float | None = None, event_rows: int = 0) -> dict:
     """Diffusion-forcing inputs of one batch: latents (B, T, N_b, D_b) → clean (B, T, N_z, 2·D_b)
     packed (App A); per-frame (τ, d) (Eq 4); noise z₀; start-frame rows (§3.4: `start_frac` of the
     sequences are independent images, with no action); a_{t−1} (None for unlabelled clips).
-    history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx."""
+    history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx.
+    event_rows (`--event-frac`, not in paper): the last rows end at an event (sample_windows);
+    frame_weight (B, T) puts each such row's loss on its last frame (weight T, the others 0; every
+    other frame 1), and the start rows are drawn among the other rows."""
     clean = pack(latents)  # (B, T, N_z, C_z)
     B, T = clean.shape[:2]
     dev = clean.device
     tau, d = sample_tau_d((B, T), k_max, gen, dev, k_min, flow_frac)  # (B, T) each
     noise = torch.randn(clean.shape, generator=gen, device=dev)  # z₀ ~ N(0, I)
     independent = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
-    starts = torch.randperm(B, generator=gen, device=dev)[:round(start_frac * B)]
+    starts = torch.randperm(B - event_rows, generator=gen, device=dev)[:round(start_frac * B)]
     independent[starts] = True
+    frame_weight = torch.ones(B, T, device=dev)  # (B, T)
+    frame_weight[B - event_rows:] = 0.0
+    frame_weight[B - event_rows:, -1] = float(T)  # an event row: the event frame, as a whole row
     if actions is None:
         prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
     else:
         prev, valid = shift_actions(actions)  # (B, T, A), (B, T)
         valid = valid & ~independent[:, None]  # an independent image is a frame 0: no action
     fb = {"clean": clean, "noise": noise, "tau": tau, "d": d, "independent": independent,
-          "prev_actions": prev, "act_valid": valid}
+          "prev_actions": prev, "act_valid": valid, "frame_weight": frame_weight}
     if history_tau is not None:  # the history stream of --ctx-stream: Eq 6 at τ_ctx
         history_noise = torch.randn(clean.shape, generator=gen, device=dev)  # (B, T, N_z, C_z)
         fb["history"] = corrupt(history_noise, clean, history_tau)  # (B, T, N_z, C_z)
@@ -524,10 +533,12 @@ def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, 
 
 
 def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dict:
-    """B training windows of T frames: round(event_frac·B) of them drawn among the windows that
-    hold a milestone (a reward event; `--event-frac`, not in paper, docs/deviations.md), the rest
-    uniformly. The events that the agent stages need are rare (a few per 256 frames); drawing
-    them more often spends more of the budget on what the actions do."""
+    """B training windows of T frames: the first B − round(event_frac·B) uniformly, the last
+    round(event_frac·B) among the windows whose last frame holds a milestone (a reward event;
+    `--event-frac`, not in paper, docs/deviations.md): a history, then the event. The events that
+    the agent stages need are rare (a few per 256 frames); in these rows the loss is the event
+    frame's alone (forcing_batch), so each such row spends a whole row's share on what the
+    actions did."""
     n_event = round(event_frac * B)
     if n_event == 0:
         return cache.sample(B, T)
@@ -650,7 +661,8 @@ def train(a: Args) -> dict:
         batch = sample_windows(train_data, B, T, a.event_frac)
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
-                           a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None)
+                           a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
+                           event_rows=round(a.event_frac * B))
         fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
@@ -667,7 +679,8 @@ def train(a: Args) -> dict:
             g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
         with common.autocast(device):
             terms = shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"], fb["d"],
-                                          a.k_max, a.boot_clip, a.tau_weight)
+                                          a.k_max, a.boot_clip, a.tau_weight,
+                                          fb["frame_weight"])
         common.check_finite(step, loss=terms["loss"])
         loss = norm(terms["loss"])  # ÷ running RMS (§3 intro)
         opt.zero_grad(set_to_none=True)

@@ -428,8 +428,8 @@ class LatentCache:
     """Windows of (latents, actions, rewards) sampled from the latent cache (memory-mapped).
 
     sample(B, T) draws B windows uniformly over all valid starts (windows may overlap); with
-    relevant=True only windows holding a reward event (the "task-relevant" half of the Phase 2/3
-    mixture, paper §3.3). The generator `rng` is the sampler's own.
+    relevant=True only windows whose last frame holds a reward event: a history, then the event
+    (dynamics.py's `--event-frac`). The generator `rng` is the sampler's own.
     """
 
     def __init__(self, tokenizer_dir: str = "runs/tokenizer", split: str = "train", seed: int = 0):
@@ -456,7 +456,7 @@ class LatentCache:
         self._valid = {}  # start lists per (T, relevant): the stages alternate both
 
     def _starts(self, T: int, relevant: bool):
-        """Global start offsets of all windows of length T (`relevant`: those with a reward)."""
+        """Global start offsets of all windows of length T (`relevant`: ending at a reward)."""
         short = [ep["id"] for ep in self.episodes if ep["length"] < T]
         if short and not relevant:  # said once per window length, not silently
             print(f"note: {len(short)} of {len(self.episodes)} '{self.split}' episodes are shorter "
@@ -466,10 +466,9 @@ class LatentCache:
         for ep in self.episodes:
             first, length = ep["offset"], ep["length"]
             s = np.arange(first, first + length - T + 1)
-            if relevant:
+            if relevant:  # the window's last frame, s + T − 1, holds a reward event
                 r = (np.asarray(self.rewards[first:first + length]) > 0).any(-1)  # (T_ep,)
-                c = np.concatenate([[0], np.cumsum(r)])  # c[j] = reward events before frame j
-                s = s[(c[s - first + T] - c[s - first]) > 0]
+                s = s[r[s - first + T - 1]]
             starts.append(s)
         return np.concatenate(starts) if starts else np.zeros(0, int)
 
@@ -479,7 +478,7 @@ class LatentCache:
         if key not in self._valid:
             self._valid[key] = self._starts(seq_len, relevant)
             if len(self._valid[key]) == 0:
-                kind = "reward-containing " if relevant else ""
+                kind = "reward-ending " if relevant else ""
                 raise ValueError(f"no {kind}window of {seq_len} frames in the '{self.split}' "
                                  f"split: use shorter sequences or more data")
         starts = self.rng.choice(self._valid[key], size=batch_size)

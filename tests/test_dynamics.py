@@ -546,6 +546,17 @@ def test_eq7_loss_with_the_inverse_weight_is_its_weighted_mean_over_frames():
           "loss = mean over all B·T frames of (1 − 0.9τ)·L", rtol=1e-5)
 
 
+def test_eq7_loss_with_a_frame_weight_is_the_weighted_mean_over_frames():
+    clean, noise, tau, d = eq7_batch()
+    frame_weight = torch.rand(tau.shape, generator=torch.Generator().manual_seed(1)) * 3
+    terms = dy.shortcut_forcing_loss(toy_f, clean, noise, tau, d, K_MAX, weight="inverse",
+                                     frame_weight=frame_weight)
+    _, slow = slow_eq7(toy_f, clean, noise, tau, d, K_MAX)
+    close(terms["loss"], (frame_weight * (1 - 0.9 * tau) * slow).mean(),
+          "the total loss with a frame weight (--event-frac)",
+          "loss = mean over all B·T frames of frame_weight · (1 − 0.9τ) · L", rtol=1e-5)
+
+
 # ---------------------------------------------------------------- conventions of the model inputs
 
 def test_context_signal_level_is_mostly_clean_and_on_the_grid():
@@ -605,6 +616,22 @@ def test_start_frame_rows_and_frame_0_carry_no_action():
     fb = start_frame_batch()
     assert not fb["act_valid"][fb["independent"]].any() and not fb["act_valid"][:, 0].any()
     assert fb["act_valid"][~fb["independent"], 1:].all()
+
+
+def event_rows_batch():
+    lat, acts = torch.rand(10, 6, 8, 3) * 2 - 1, torch.randint(0, 2, (10, 6, 3))
+    return dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0), event_rows=4)
+
+
+def test_event_rows_weigh_their_last_frame_as_a_whole_row_and_nothing_else():
+    want = torch.ones(10, 6)  # `--event-frac` (not in paper): the last 4 rows end at an event
+    want[6:] = torch.tensor([0.0, 0, 0, 0, 0, 6])  # each weighs its event frame T = 6, the rest 0
+    torch.testing.assert_close(event_rows_batch()["frame_weight"], want)
+
+
+def test_start_frame_rows_are_drawn_among_the_rows_without_an_event():
+    fb = event_rows_batch()
+    assert int(fb["independent"].sum()) == 3 and not fb["independent"][6:].any()
 
 
 def test_an_independent_sequence_equals_its_frames_run_one_by_one():
@@ -971,13 +998,13 @@ def test_action_probe_sees_actions_and_scores_copying_on_the_same_windows(smoke_
     assert seeing["probe_mse_copy"] == blind["probe_mse_copy"] > 0  # copying uses no model
 
 
-def test_event_frac_draws_that_share_of_windows_among_those_with_a_milestone(smoke_tokenizer):
+def test_event_frac_draws_that_share_of_windows_ending_at_a_milestone(smoke_tokenizer):
     from tokenizer import LatentCache
     _, tok = smoke_tokenizer
     cache = LatentCache(os.path.dirname(tok), "train", seed=0)
     batch = dy.sample_windows(cache, 16, 4, event_frac=0.25)  # 4 of 16 windows
-    has_event = (batch["rewards"] > 0).flatten(1).any(1)  # (16,)
-    assert has_event[-4:].all()
+    event_last = (batch["rewards"][:, -1] > 0).any(-1)  # (16,) the last frame holds a reward
+    assert event_last[-4:].all()
     assert batch["latents"].shape[:2] == batch["actions"].shape[:2] == (16, 4)
 
 
