@@ -362,7 +362,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
     w = tau_weight(tau, weight)  # Eq 8 (or --tau-weight) on both terms: the paper does not say
-    if frame_weight is not None:  # --event-frac: an event row's loss is its event frame's
+    if frame_weight is not None:  # --event-frac: an event row's event frame weighs a row more
         w = w * frame_weight
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
@@ -379,8 +379,8 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     sequences are independent images, with no action); a_{t−1} (None for unlabelled clips).
     history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx.
     event_rows (`--event-frac`, not in paper): the last rows end at an event (sample_windows);
-    frame_weight (B, T) puts each such row's loss on its last frame (weight T, the others 0; every
-    other frame 1), and the start rows are drawn among the other rows."""
+    frame_weight (B, T) weighs each such row's last frame T (the weight of a whole row), every
+    other frame 1, and the start rows are drawn among the other rows."""
     clean = pack(latents)  # (B, T, N_z, C_z)
     B, T = clean.shape[:2]
     dev = clean.device
@@ -390,8 +390,7 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     starts = torch.randperm(B - event_rows, generator=gen, device=dev)[:round(start_frac * B)]
     independent[starts] = True
     frame_weight = torch.ones(B, T, device=dev)  # (B, T)
-    frame_weight[B - event_rows:] = 0.0
-    frame_weight[B - event_rows:, -1] = float(T)  # an event row: the event frame, as a whole row
+    frame_weight[B - event_rows:, -1] = float(T)  # an event row's event frame: a whole row more
     if actions is None:
         prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
     else:
@@ -536,9 +535,9 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dic
     """B training windows of T frames: the first B − round(event_frac·B) uniformly, the last
     round(event_frac·B) among the windows whose last frame holds a milestone (a reward event;
     `--event-frac`, not in paper, docs/deviations.md): a history, then the event. The events that
-    the agent stages need are rare (a few per 256 frames); in these rows the loss is the event
-    frame's alone (forcing_batch), so each such row spends a whole row's share on what the
-    actions did."""
+    the agent stages need are rare (a few per 256 frames); in these rows the event frame weighs
+    as much as a whole row (forcing_batch), and the history before it (the presses that did not
+    yet fell the tree) is trained as usual: the counter-examples."""
     n_event = round(event_frac * B)
     if n_event == 0:
         return cache.sample(B, T)

@@ -623,9 +623,9 @@ def event_rows_batch():
     return dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0), event_rows=4)
 
 
-def test_event_rows_weigh_their_last_frame_as_a_whole_row_and_nothing_else():
+def test_event_rows_weigh_their_last_frame_as_a_whole_row_and_the_rest_as_usual():
     want = torch.ones(10, 6)  # `--event-frac` (not in paper): the last 4 rows end at an event
-    want[6:] = torch.tensor([0.0, 0, 0, 0, 0, 6])  # each weighs its event frame T = 6, the rest 0
+    want[6:] = torch.tensor([1.0, 1, 1, 1, 1, 6])  # each weighs its event frame T = 6, the rest 1
     torch.testing.assert_close(event_rows_batch()["frame_weight"], want)
 
 
