@@ -362,7 +362,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
     w = tau_weight(tau, weight)  # Eq 8 (or --tau-weight) on both terms: the paper does not say
-    if frame_weight is not None:  # --event-frac: an event row's event frame weighs a row more
+    if frame_weight is not None:  # --event-frac: an event row's event frame weighs a whole row
         w = w * frame_weight
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
@@ -390,7 +390,7 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     starts = torch.randperm(B - event_rows, generator=gen, device=dev)[:round(start_frac * B)]
     independent[starts] = True
     frame_weight = torch.ones(B, T, device=dev)  # (B, T)
-    frame_weight[B - event_rows:, -1] = float(T)  # an event row's event frame: a whole row more
+    frame_weight[B - event_rows:, -1] = float(T)  # an event row's event frame: a whole row's weight
     if actions is None:
         prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
     else:
