@@ -331,7 +331,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     x_clip > 0 clamps the half-step x-predictions to ±x_clip (`--boot-clip`, not in paper);
     weight: "ramp" (Eq 8) or "inverse" (`--tau-weight`, not in paper; see tau_weight).
     frame_weight (B, T), optional: a further weight per frame (`--event-frac`; forcing_batch).
-    Returns loss = mean w(τ)·L, its flow and boot parts (loss = flow + boot), and L (B, T).
+    Returns loss = mean w(τ)·frame_weight·L, its flow and boot parts (loss = flow + boot), L (B, T).
     """
 
     def clip(x):  # not in paper: the bootstrap x-predictions stay in the latent range
