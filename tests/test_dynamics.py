@@ -1008,6 +1008,23 @@ def test_event_frac_draws_that_share_of_windows_ending_at_a_milestone(smoke_toke
     assert batch["latents"].shape[:2] == batch["actions"].shape[:2] == (16, 4)
 
 
+def test_event_counter_rows_follow_the_event_rows_actions_without_the_event(smoke_tokenizer):
+    from tokenizer import LatentCache
+    _, tok = smoke_tokenizer
+    cache = LatentCache(os.path.dirname(tok), "train", seed=0)
+    batch = dy.sample_windows(cache, 16, 4, 0.25, event_counter=True)  # 8 uniform, 4 + 4
+    counter, event = slice(8, 12), slice(12, 16)
+    assert not (batch["rewards"][counter, -1] > 0).any()  # no event in their last frame
+    assert (batch["rewards"][event, -1] > 0).any(-1).all()
+    # the action that led to the last frame, a_{T−2}: the same press, row by row
+    torch.testing.assert_close(batch["actions"][counter, -2], batch["actions"][event, -2])
+
+
+def test_event_counter_rows_are_weighed_like_the_event_rows():
+    assert dy.weighted_rows(8, 0.25, event_counter=True) == 4  # 2 events + 2 counter-examples
+    assert dy.weighted_rows(8, 0.25, event_counter=False) == 2
+
+
 def test_event_frac_zero_samples_uniformly_as_before(smoke_tokenizer):
     from tokenizer import LatentCache
     _, tok = smoke_tokenizer
