@@ -74,6 +74,7 @@ class Args:
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     event_frac: float = 0.0  # share of rows ending at a milestone (reward) event (not in paper)
     event_counter: bool = False  # as many rows ending at the same action without it (not in paper)
+    event_last: float = 1.0  # final share of steps with the milestone rows (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -579,6 +580,12 @@ def batch_shape(step: int, a: Args) -> tuple[int, int]:
     return a.batch, a.seq_len
 
 
+def event_share(step: int, a: Args) -> float:
+    """`--event-frac` of this step: the milestone rows join for the final `event_last` of training
+    only (not in paper): the moves are learned from uniform rows first."""
+    return a.event_frac if step >= int(a.steps * (1 - a.event_last)) else 0.0
+
+
 def build_model(a: dict, latent_tokens: int, latent_dim: int,
                 action_classes: list[int]) -> DynamicsModel:
     """Rebuild the model from a plain args dict (as stored in the checkpoint)."""
@@ -678,11 +685,12 @@ def train(a: Args) -> dict:
         train_data.rng = np.random.default_rng([a.seed, step])
         gen.manual_seed(a.seed * 1_000_003 + step)
         B, T = batch_shape(step, a)
-        batch = sample_windows(train_data, B, T, a.event_frac, a.event_counter)
+        event_frac = event_share(step, a)
+        batch = sample_windows(train_data, B, T, event_frac, a.event_counter)
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
-                           event_rows=weighted_rows(B, a.event_frac, a.event_counter))
+                           event_rows=weighted_rows(B, event_frac, a.event_counter))
         fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts

@@ -1025,6 +1025,13 @@ def test_event_counter_rows_are_weighed_like_the_event_rows():
     assert dy.weighted_rows(8, 0.25, event_counter=False) == 2
 
 
+def test_event_last_lets_the_milestone_rows_join_for_the_final_share_of_training():
+    a = dy.Args(steps=100, event_frac=0.5, event_last=0.25)
+    assert [dy.event_share(s, a) for s in (0, 74, 75, 99)] == [0.0, 0.0, 0.5, 0.5]
+    every = dy.Args(steps=100, event_frac=0.5)  # event_last = 1: from the first step
+    assert dy.event_share(0, every) == 0.5
+
+
 def test_event_frac_zero_samples_uniformly_as_before(smoke_tokenizer):
     from tokenizer import LatentCache
     _, tok = smoke_tokenizer
