@@ -72,9 +72,7 @@ class Args:
     boot_clip: float = 1.0  # clamp bootstrap x-predictions to ±this; 0 = off (not in paper)
     tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
-    event_frac: float = 0.0  # share of rows ending at a milestone (reward) event (not in paper)
-    event_counter: bool = False  # as many rows ending at the same action without it (not in paper)
-    event_last: float = 1.0  # final share of steps with the milestone rows (not in paper)
+    event_frac: float = 0.0  # milestone rows added per uniform row (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -380,9 +378,9 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     packed (App A); per-frame (τ, d) (Eq 4); noise z₀; start-frame rows (§3.4: `start_frac` of the
     sequences are independent images, with no action); a_{t−1} (None for unlabelled clips).
     history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx.
-    event_rows (`--event-frac`, not in paper): the last rows end at an event or at a counter-example
-    (sample_windows); frame_weight (B, T) weighs each such row's last frame T (the weight of a
-    whole row), every other frame 1, and the start rows are drawn among the other rows."""
+    event_rows (`--event-frac`, not in paper): the last rows end at an event (sample_windows);
+    frame_weight (B, T) weighs each such row's last frame T (the weight of a whole row), every
+    other frame 1, and the start rows are drawn among the other rows."""
     clean = pack(latents)  # (B, T, N_z, C_z)
     B, T = clean.shape[:2]
     dev = clean.device
@@ -533,41 +531,22 @@ def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, 
 # ---- Training ------------------------------------------------------------------------------------
 
 
-def weighted_rows(B: int, event_frac: float, event_counter: bool) -> int:
-    """How many of B rows end at a frame that weighs a whole row (sample_windows)."""
-    n_event = round(event_frac * B)
-    return 2 * n_event if event_counter else n_event
-
-
-def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float,
-                   event_counter: bool = False) -> dict:
-    """B training windows of T frames: uniform rows first, then round(event_frac·B) rows among
-    the windows whose last frame holds a milestone (a reward event; `--event-frac`, not in paper,
+def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dict:
+    """Training windows of T frames: B uniformly, then round(event_frac·B) more among the windows
+    whose last frame holds a milestone (a reward event; `--event-frac`, not in paper,
     docs/deviations.md): a history, then the event. The events that the agent stages need are
     rare (a few per 256 frames); in these rows the event frame weighs as much as a whole row
-    (forcing_batch). Rows chosen by their outcome alone teach that the event is likely: with
-    event_counter, each event row has a counter-example before it, a window whose last frame
-    follows the same action without the event (the press that did not yet fell the tree, the
-    table placed without wood), weighed the same. Order: uniform, counter-examples, events."""
+    (forcing_batch), and the history before it (the presses that did not yet fell the tree) is
+    trained as usual: the counter-examples. The milestone rows come on top of the B uniform
+    ones: taken from them, they cost the moves, which are learned from the uniform windows."""
     n_event = round(event_frac * B)
     if n_event == 0:
         return cache.sample(B, T)
     if cache.rewards is None:
         raise SystemExit("--event-frac needs reward labels, and this dataset has none: train "
                          "with --event-frac 0")
-    n_uniform = B - weighted_rows(B, event_frac, event_counter)
-    if n_uniform < 0:
-        raise SystemExit(f"--event-frac {event_frac} with --event-counter asks for more than "
-                         f"the {B} rows of a batch: use --event-frac 0.5 or less")
-    uniform, event = cache.sample(n_uniform, T), cache.sample(n_event, T, relevant=True)
-    parts = [uniform]
-    if event_counter:
-        if cache.actions is None:
-            raise SystemExit("--event-counter matches the event rows' actions, and this dataset "
-                             "has none: train without --event-counter")
-        parts.append(cache.sample_matched(event["actions"][:, -2], T))  # a_{T−2} led to the event
-    parts.append(event)
-    return {k: None if uniform[k] is None else torch.cat([p[k] for p in parts])
+    uniform, event = cache.sample(B, T), cache.sample(n_event, T, relevant=True)
+    return {k: None if uniform[k] is None else torch.cat([uniform[k], event[k]])
             for k in ("latents", "actions", "rewards")}  # (B, T, …) each
 
 
@@ -578,12 +557,6 @@ def batch_shape(step: int, a: Args) -> tuple[int, int]:
     if long_only or (step + 1) % a.long_every == 0:
         return a.batch_long, a.seq_len_long
     return a.batch, a.seq_len
-
-
-def event_share(step: int, a: Args) -> float:
-    """`--event-frac` of this step: the milestone rows join for the final `event_last` of training
-    only (not in paper): the moves are learned from uniform rows first."""
-    return a.event_frac if step >= int(a.steps * (1 - a.event_last)) else 0.0
 
 
 def build_model(a: dict, latent_tokens: int, latent_dim: int,
@@ -685,13 +658,13 @@ def train(a: Args) -> dict:
         train_data.rng = np.random.default_rng([a.seed, step])
         gen.manual_seed(a.seed * 1_000_003 + step)
         B, T = batch_shape(step, a)
-        event_frac = event_share(step, a)
-        batch = sample_windows(train_data, B, T, event_frac, a.event_counter)
+        batch = sample_windows(train_data, B, T, a.event_frac)  # B + round(event_frac·B) rows
         acts = None if batch["actions"] is None else batch["actions"].to(device)
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
-                           event_rows=weighted_rows(B, event_frac, a.event_counter))
-        fb = common.shard(fb)  # this rank's rows of the global batch (all of them alone)
+                           event_rows=round(a.event_frac * B))
+        B = fb["clean"].shape[0]  # the milestone rows included
+        fb = common.shard(fb, "--batch (with the --event-frac rows)")  # this rank's rows
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
             prev, valid, ind = row_select(fb, rows)

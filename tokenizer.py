@@ -429,8 +429,7 @@ class LatentCache:
 
     sample(B, T) draws B windows uniformly over all valid starts (windows may overlap); with
     relevant=True only windows whose last frame holds a reward event: a history, then the event
-    (dynamics.py's `--event-frac`); sample_matched(actions, T) windows ending at the same actions
-    without an event. The generator `rng` is the sampler's own.
+    (dynamics.py's `--event-frac`). The generator `rng` is the sampler's own.
     """
 
     def __init__(self, tokenizer_dir: str = "runs/tokenizer", split: str = "train", seed: int = 0):
@@ -483,41 +482,6 @@ class LatentCache:
                 raise ValueError(f"no {kind}window of {seq_len} frames in the '{self.split}' "
                                  f"split: use shorter sequences or more data")
         starts = self.rng.choice(self._valid[key], size=batch_size)
-        return self._windows(starts, seq_len, with_frames)
-
-    def _matched_starts(self, T: int) -> dict:
-        """Starts of the windows of length T whose last frame holds no reward event, grouped by
-        the action that led to that frame (a_{T−2}, the window's second-to-last action):
-        {action tuple: starts}."""
-        starts, acts = [], []
-        for ep in self.episodes:
-            first, length = ep["offset"], ep["length"]
-            s = np.arange(first, first + length - T + 1)
-            r = (np.asarray(self.rewards[first:first + length]) > 0).any(-1)  # (T_ep,)
-            s = s[~r[s - first + T - 1]]  # last frame without an event
-            starts.append(s)
-            acts.append(np.asarray(self.actions[s + T - 2]).reshape(len(s), -1))  # (n, A)
-        starts, acts = np.concatenate(starts), np.concatenate(acts)
-        keys, group = np.unique(acts, axis=0, return_inverse=True)  # (G, A), (n,)
-        group = group.reshape(-1)
-        return {tuple(k.tolist()): starts[group == g] for g, k in enumerate(keys)}
-
-    def sample_matched(self, actions: torch.Tensor, seq_len: int) -> dict:
-        """One window per row of `actions` (B, A) whose last frame holds no reward event and
-        follows that same action (dynamics.py's `--event-frac` counter-examples: the same press
-        as an event row's, without the event). An action that never goes without an event
-        takes any window whose last frame holds none."""
-        key = (seq_len, "matched")
-        if key not in self._valid:
-            self._valid[key] = self._matched_starts(seq_len)
-        groups = self._valid[key]
-        every = np.concatenate(list(groups.values()))
-        starts = np.array([self.rng.choice(groups.get(tuple(a.tolist()), every))
-                           for a in actions])  # (B,)
-        return self._windows(starts, seq_len, with_frames=False)
-
-    def _windows(self, starts: np.ndarray, seq_len: int, with_frames: bool) -> dict:
-        """The windows of seq_len frames at the given global starts (B,)."""
         idx = starts[:, None] + np.arange(seq_len)  # (B, T) global frame indices
         latents = np.asarray(self.latents[idx], dtype=np.float32)  # (B, T, N_b, D_b)
         out = {"latents": torch.from_numpy(latents),

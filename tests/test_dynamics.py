@@ -940,6 +940,18 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(smoke_dir,
         torch.testing.assert_close(a["ema"][k], b["ema"][k], atol=1e-6, rtol=1e-5)
 
 
+def test_event_frac_trains_on_the_uniform_rows_plus_the_milestone_rows(smoke_dir, smoke_tokenizer):
+    tmp, (_, tok) = smoke_dir, smoke_tokenizer
+    out = str(tmp / "events")
+    run("dynamics.py", "--preset", "smoke", "--tokenizer", tok, "--out", out, "--eval-seqs", "0",
+        "--event-frac", "0.5")
+    with open(os.path.join(out, "summary.json")) as fh:
+        s = json.load(fh)
+    # smoke batches alternate 4 rows × 4 frames and 2 × 6; with 2 and 1 milestone rows on top:
+    frames_per_step = s["frames_per_s"] / s["steps_per_s"]  # the same wall time divides both
+    assert s["steps"] == 6 and frames_per_step == pytest.approx(((4 + 2) * 4 + (2 + 1) * 6) / 2)
+
+
 def test_dynamics_eval_reevaluates_a_run_folder_and_keeps_its_training_figures(smoke_dir,
                                                                                smoke_run):
     """python dynamics_eval.py RUN_DIR: the model and data come from the checkpoint (no --preset
@@ -998,38 +1010,22 @@ def test_action_probe_sees_actions_and_scores_copying_on_the_same_windows(smoke_
     assert seeing["probe_mse_copy"] == blind["probe_mse_copy"] > 0  # copying uses no model
 
 
-def test_event_frac_draws_that_share_of_windows_ending_at_a_milestone(smoke_tokenizer):
+def test_event_frac_adds_windows_ending_at_a_milestone_to_the_uniform_ones(smoke_tokenizer):
     from tokenizer import LatentCache
     _, tok = smoke_tokenizer
     cache = LatentCache(os.path.dirname(tok), "train", seed=0)
-    batch = dy.sample_windows(cache, 16, 4, event_frac=0.25)  # 4 of 16 windows
-    event_last = (batch["rewards"][:, -1] > 0).any(-1)  # (16,) the last frame holds a reward
+    batch = dy.sample_windows(cache, 16, 4, event_frac=0.25)  # 16 uniform + 4 milestone windows
+    event_last = (batch["rewards"][:, -1] > 0).any(-1)  # (20,) the last frame holds a reward
     assert event_last[-4:].all()
-    assert batch["latents"].shape[:2] == batch["actions"].shape[:2] == (16, 4)
+    assert batch["latents"].shape[:2] == batch["actions"].shape[:2] == (20, 4)
 
 
-def test_event_counter_rows_follow_the_event_rows_actions_without_the_event(smoke_tokenizer):
+def test_event_frac_keeps_the_uniform_rows_an_event_free_run_draws(smoke_tokenizer):
     from tokenizer import LatentCache
     _, tok = smoke_tokenizer
-    cache = LatentCache(os.path.dirname(tok), "train", seed=0)
-    batch = dy.sample_windows(cache, 16, 4, 0.25, event_counter=True)  # 8 uniform, 4 + 4
-    counter, event = slice(8, 12), slice(12, 16)
-    assert not (batch["rewards"][counter, -1] > 0).any()  # no event in their last frame
-    assert (batch["rewards"][event, -1] > 0).any(-1).all()
-    # the action that led to the last frame, a_{T−2}: the same press, row by row
-    torch.testing.assert_close(batch["actions"][counter, -2], batch["actions"][event, -2])
-
-
-def test_event_counter_rows_are_weighed_like_the_event_rows():
-    assert dy.weighted_rows(8, 0.25, event_counter=True) == 4  # 2 events + 2 counter-examples
-    assert dy.weighted_rows(8, 0.25, event_counter=False) == 2
-
-
-def test_event_last_lets_the_milestone_rows_join_for_the_final_share_of_training():
-    a = dy.Args(steps=100, event_frac=0.5, event_last=0.25)
-    assert [dy.event_share(s, a) for s in (0, 74, 75, 99)] == [0.0, 0.0, 0.5, 0.5]
-    every = dy.Args(steps=100, event_frac=0.5)  # event_last = 1: from the first step
-    assert dy.event_share(0, every) == 0.5
+    a, b = (LatentCache(os.path.dirname(tok), "train", seed=3) for _ in range(2))
+    torch.testing.assert_close(dy.sample_windows(a, 16, 4, 0.25)["latents"][:16],
+                               b.sample(16, 4)["latents"])
 
 
 def test_event_frac_zero_samples_uniformly_as_before(smoke_tokenizer):
