@@ -547,7 +547,7 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dic
                          "with --event-frac 0")
     uniform, event = cache.sample(B, T), cache.sample(n_event, T, relevant=True)
     return {k: None if uniform[k] is None else torch.cat([uniform[k], event[k]])
-            for k in ("latents", "actions", "rewards")}  # (B, T, …) each
+            for k in ("latents", "actions", "rewards")}  # (B + n_event, T, …) each
 
 
 def batch_shape(step: int, a: Args) -> tuple[int, int]:
