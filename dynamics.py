@@ -663,7 +663,7 @@ def train(a: Args) -> dict:
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
                            event_rows=round(a.event_frac * B))
-        B = fb["clean"].shape[0]  # the milestone rows included
+        rows = fb["clean"].shape[0]  # B and the milestone rows
         fb = common.shard(fb, "--batch (with the --event-frac rows)")  # this rank's rows
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
@@ -692,7 +692,8 @@ def train(a: Args) -> dict:
         step, steps_run = step + 1, steps_run + 1
         if ema is not None:
             ema_update(ema, model, step, a.ema)
-        frames_run, frames_log, steps_log = frames_run + B * T, frames_log + B * T, steps_log + 1
+        frames_run, frames_log = frames_run + rows * T, frames_log + rows * T
+        steps_log += 1
         if common.is_main() and (step % a.log_every == 0 or step == a.steps):
             log.log(step, {"loss": terms["loss"].detach(), "flow": terms["flow"],
                            "boot": terms["boot"], "grad_norm": gnorm,
