@@ -113,11 +113,13 @@ PRESETS = {
         tokenizer="runs/cpu/tokenizer/ckpt.pt", out="runs/cpu/dynamics",
         dim=128, depth=4, heads=4, kv_heads=2, registers=4, context=16,
         batch=8, seq_len=8, batch_long=3, seq_len_long=24, long_every=8,
-        steps=4500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 14 min with evaluation, 2 cores
+        steps=4500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 15 min with evaluation, 2 cores
         # the laptop budget's departures (docs/deviations.md#the-cpu-preset): a history stream,
-        # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, and
-        # the noisy frames weighing most (the inverse of Eq 8's ramp)
+        # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, the
+        # noisy frames weighing most (the inverse of Eq 8's ramp), and a quarter as many rows
+        # again that end at a milestone (where the dataset has reward labels)
         ctx_stream=True, k_min=4, start_frac=0.1, space_rope_base=10.0, tau_weight="inverse",
+        event_frac=0.25,
         eval_seqs=128, fps_frames=64,
     ),
 }
@@ -542,12 +544,26 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dic
     n_event = round(event_frac * B)
     if n_event == 0:
         return cache.sample(B, T)
-    if cache.rewards is None:
-        raise SystemExit("--event-frac needs reward labels, and this dataset has none: train "
-                         "with --event-frac 0")
+    if cache.rewards is None:  # train() asks milestone_share first; this guards other callers
+        raise ValueError("milestone rows need reward labels, and this cache has none")
     uniform, event = cache.sample(B, T), cache.sample(n_event, T, relevant=True)
     return {k: None if uniform[k] is None else torch.cat([uniform[k], event[k]])
             for k in ("latents", "actions", "rewards")}  # (B + n_event, T, …) each
+
+
+def milestone_share(a: Args, has_rewards: bool) -> float:
+    """The --event-frac a run can use: milestone rows need reward labels to find the events. A
+    dataset without them (e.g. the MiniGrid example) trains without the rows when the share came
+    from the preset, and stops with what to do when it was asked for on the command line."""
+    if a.event_frac == 0 or has_rewards:
+        return a.event_frac
+    if "event_frac" in getattr(a, "_given", ()):
+        raise SystemExit("--event-frac needs reward labels, and this dataset has none: train "
+                         f"with --event-frac 0, e.g. python dynamics.py --preset {a.preset} "
+                         f"--tokenizer {a.tokenizer} --event-frac 0")
+    print(f"note: this dataset has no reward labels, so no milestone rows (--event-frac 0; "
+          f"--preset {a.preset} would add {a.event_frac} per uniform row)")
+    return 0.0
 
 
 def batch_shape(step: int, a: Args) -> tuple[int, int]:
@@ -606,6 +622,7 @@ def train(a: Args) -> dict:
     tok_dir = os.path.dirname(os.path.abspath(a.tokenizer))
     train_data = LatentCache(tok_dir, "train", seed=a.seed)
     held = LatentCache(tok_dir, "heldout", seed=a.seed + 1)
+    a.event_frac = milestone_share(a, train_data.rewards is not None)  # recorded as it ran
     action_classes = [int(n) for _, n in train_data.meta.get("action_components", [])]
     if train_data.actions is None:
         print("note: the dataset has no actions: an unconditional video model (base embedding)")

@@ -1028,6 +1028,26 @@ def test_event_frac_keeps_the_uniform_rows_an_event_free_run_draws(smoke_tokeniz
                                b.sample(16, 4)["latents"])
 
 
+def test_preset_milestone_rows_fall_back_to_none_without_reward_labels(capsys):
+    a = dy.Args(preset="cpu", event_frac=0.25)
+    a._given = {"preset", "data"}  # the share came from the preset, not the command line
+    assert dy.milestone_share(a, has_rewards=False) == 0.0
+    assert "no reward labels" in capsys.readouterr().out
+
+
+def test_asked_for_milestone_rows_without_reward_labels_stop_with_the_fix():
+    a = dy.Args(preset="cpu", event_frac=0.25)
+    a._given = {"preset", "event_frac"}
+    with pytest.raises(SystemExit, match="--event-frac 0"):
+        dy.milestone_share(a, has_rewards=False)
+
+
+def test_milestone_rows_kept_where_the_dataset_has_reward_labels():
+    a = dy.Args(preset="cpu", event_frac=0.25)
+    a._given = {"preset"}
+    assert dy.milestone_share(a, has_rewards=True) == 0.25
+
+
 def test_event_frac_zero_samples_uniformly_as_before(smoke_tokenizer):
     from tokenizer import LatentCache
     _, tok = smoke_tokenizer
