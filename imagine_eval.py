@@ -488,17 +488,20 @@ def made_by(runs: list[str]) -> list[str]:
     def reevaluated(d: str, script: str) -> list[str]:
         args, summary = read(d, "args.json"), read(d, "summary.json")
         n = summary.get("eval_episodes")
-        if n is None or n == args.get("eval_episodes"):
+        if n is None:
             return []
-        cmd = ["python", script, d, "--eval-episodes", str(n)]
+        # What the summary was evaluated with that the training command did not say
+        extra = []
         compared = summary.get("compared_with")
         if compared and compared != args.get("compare"):
-            cmd += ["--compare", compared]
+            extra += ["--compare", compared]
         probes = summary.get("imagined_vs_real") or {}
         starts = next((t["n"] for p in probes.values() for t in p.values()), 0)
         if starts != args.get("probe_starts", starts):
-            cmd += ["--probe-starts", str(starts)]
-        return [shlex.join(cmd)]
+            extra += ["--probe-starts", str(starts)]
+        if n == args.get("eval_episodes") and not extra:
+            return []
+        return [shlex.join(["python", script, d, "--eval-episodes", str(n), *extra])]
 
     cmds = []
     for r in runs:

@@ -803,6 +803,24 @@ def test_the_seed_table_prints_the_commands_that_made_its_runs(smoke_agent, smok
     assert at == sorted(at)
 
 
+def test_the_seed_table_prints_a_reevaluation_that_only_changed_the_baseline(smoke_agent,
+                                                                              smoke_run):
+    """A run re-evaluated on its own worlds beside another BC baseline (`imagine_eval.py RUN
+    --compare S`) needs that command to be remade: the table prints it after the run's own."""
+    tmp, _, scratch = smoke_agent
+    full, s = smoke_run
+    copy, other = str(tmp / "rebaselined"), str(tmp / "other_scratch.json")
+    shutil.copytree(full, copy)
+    shutil.copy(scratch, other)
+    ie.main([copy, "--compare", other])
+    table = str(tmp / "table_rebaselined")
+    ie.main(["--table", copy, "--out", table])
+    md = open(os.path.join(table, "table.md")).read()
+    again = f"python imagine_eval.py {copy} --eval-episodes {s['eval_episodes']} --compare {other}"
+    assert again in md
+    assert md.find(again) > md.find("python imagine.py --preset smoke")
+
+
 def test_the_gpu_mixed_precision_path_trains_and_evaluates_every_stage(smoke_agent, monkeypatch):
     """On a GPU every stage runs under bf16 autocast (common.autocast); CI has no GPU. Forcing the
     same autocast on the CPU runs that code path: dynamics training and its cached rollouts, agent
