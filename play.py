@@ -573,22 +573,21 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
         # The real frames after each action, idle (NOOP) after the script: (B, L, H, W, 3)
         real = np.stack([np.stack([e.step(x)[0] for x in s + [NOOP] * (L - len(s))])
                          for e, s in zip(envs, scripts)])
-        ends = [len(s) - 1 for s in scripts]
-        real_end = real[np.arange(len(scripts)), ends]  # (B, H, W, 3)
+        ends, rows = np.array([len(s) - 1 for s in scripts]), np.arange(len(scripts))  # (B,)
+        real_end = real[rows, ends]  # (B, H, W, 3)
         padded = np.stack([np.stack(s + [NOOP] * (L - len(s))) for s in scripts])  # (B, L, A)
         t0 = time.time()
         dream_start = dream.start(frames, acts)  # (B, H, W, 3): the dream's last real frame
         dreamed = np.stack([dream.step(padded[:, t]) for t in range(L)], 1)  # (B, L, H, W, 3)
         wall = time.time() - t0
-        dream_end = dreamed[np.arange(len(scripts)), ends]
+        dream_end = dreamed[rows, ends]
         real_ok = task_done(frames[:, -1], real_end, task)
         dream_ok = task_done(dream_start, dream_end, task)
         # The tokenizer's share: the real frames through encoder and decoder, as the dream shows
         # its frames. A dream cannot show more than this.
         shown = roundtrip(dream, np.concatenate([frames, real], 1))  # (B, T_c + L, H, W, 3)
         C = frames.shape[1]
-        tok_ok = task_done(shown[:, C - 1], shown[np.arange(len(scripts)), C + np.array(ends)],
-                           task)
+        tok_ok = task_done(shown[:, C - 1], shown[rows, C + ends], task)
         result[task] = {
             "worlds": len(scripts), "no_plan": a.worlds - len(scripts),
             "script_len_mean": float(np.mean([len(s) for s in scripts])),
@@ -603,6 +602,18 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
               f"dream {r['dream_success']:.2f} "
               f"({100 * r['dream_over_real']:.0f} % of real), outcome agrees in "
               f"{100 * r['agree']:.0f} %")
+        if task == "place_table":
+            # The wood a table costs, as the picture before the place press shows it: a
+            # tokenizer that cannot draw the count leaves a player who reads the frames stuck
+            before = ends - 1
+            pictures = {"real": real[rows, before], "tokenizer": shown[rows, C + before],
+                        "dream": dreamed[rows, before]}  # each (B, H, W, 3)
+            w = r["wood_for_table_shown"] = {
+                k: float((env.read_frames(x)["inv"][:, env.WOOD] >= env.TABLE_COST).mean())
+                for k, x in pictures.items()}
+            print(f"{'':12s} the {env.TABLE_COST} wood a table costs shown before the place "
+                  f"press: real {w['real']:.2f}, tokenizer {w['tokenizer']:.2f}, "
+                  f"dream {w['dream']:.2f}")
     return result
 
 

@@ -245,15 +245,32 @@ def test_without_a_display_play_says_so_and_shows_the_script_command(smoke_dynam
     assert r.returncode != 0 and "no display" in r.stderr and "--keys" in r.stderr
 
 
-def test_interaction_test_writes_both_tasks(smoke_dynamics, tmp_path):
+@pytest.fixture(scope="module")
+def interaction(smoke_dynamics, tmp_path_factory):
+    """`python play.py --interaction` on the smoke world model: its interaction.json."""
+    out = tmp_path_factory.mktemp("interaction")
     run("play.py", "--preset", "smoke", "--dynamics", smoke_dynamics, "--interaction",
-        "--out", str(tmp_path))
-    result = json.load(open(tmp_path / "interaction.json"))
+        "--out", str(out))
+    return json.load(open(out / "interaction.json"))
+
+
+def test_interaction_test_writes_both_tasks(interaction):
+    result = interaction
     for task in play.TASKS:
         for r in (result["tasks"][task], result["closed_loop"][task]):  # open and closed loop
             assert r["worlds"] + r["no_plan"] == 4
             assert 0 <= r["dream_success"] <= 1 and 0 <= r["real_success"] <= 1
             assert 0 <= r["tokenizer_success"] <= 1
+
+
+def test_interaction_test_reads_the_table_cost_off_the_frame_before_the_place_press(
+        interaction):
+    """Every real world where the table stands had the 2 wood on screen one frame before: read
+    any later (after the press spends them) and this fails."""
+    r = interaction["tasks"]["place_table"]
+    shown = r["wood_for_table_shown"]
+    assert shown["real"] >= r["real_success"] > 0
+    assert all(0 <= shown[k] <= 1 for k in ("tokenizer", "dream"))
 
 
 def test_window_keys_make_frames_and_take_control_back_from_the_agent(monkeypatch, tmp_path):
