@@ -538,6 +538,12 @@ def task_done(start: np.ndarray, end: np.ndarray, task: str) -> np.ndarray:
     return (e["app"] == env.TABLE).sum((1, 2)) > (s["app"] == env.TABLE).sum((1, 2))
 
 
+def shows_table_cost(frames: np.ndarray) -> np.ndarray:
+    """Does each frame (B, H, W, 3) in 0…255 show in its inventory the wood a table costs (read
+    as the nearest sprites)? Returns (B,) bool."""
+    return env.read_frames(frames)["inv"][:, env.WOOD] >= env.TABLE_COST
+
+
 @torch.no_grad()
 def roundtrip(dream: Dream, frames: np.ndarray) -> np.ndarray:
     """Real frames (B, T, H, W, 3) uint8 → the tokenizer's pictures of them (B, T, H, W, 3)
@@ -603,14 +609,13 @@ def interaction_test(a: Args, dream: Dream, size: int) -> dict:
               f"({100 * r['dream_over_real']:.0f} % of real), outcome agrees in "
               f"{100 * r['agree']:.0f} %")
         if task == "place_table":
-            # The wood a table costs, as the picture before the place press shows it: a
-            # tokenizer that cannot draw the count leaves a player who reads the frames stuck
+            # The table's cost on the frame the place press is made on: a tokenizer that cannot
+            # draw the count leaves a player who reads the frames stuck
             before = ends - 1
             pictures = {"real": real[rows, before], "tokenizer": shown[rows, C + before],
                         "dream": dreamed[rows, before]}  # each (B, H, W, 3)
-            w = r["wood_for_table_shown"] = {
-                k: float((env.read_frames(x)["inv"][:, env.WOOD] >= env.TABLE_COST).mean())
-                for k, x in pictures.items()}
+            w = r["wood_for_table_shown"] = {k: float(shows_table_cost(x).mean())
+                                             for k, x in pictures.items()}
             print(f"{'':12s} the {env.TABLE_COST} wood a table costs shown before the place "
                   f"press: real {w['real']:.2f}, tokenizer {w['tokenizer']:.2f}, "
                   f"dream {w['dream']:.2f}")

@@ -214,6 +214,18 @@ def test_task_done_counts_wood_and_tables_gained_since_the_start():
     assert not play.task_done(table, table, "place_table")[0]
 
 
+def test_shows_table_cost_reads_the_wood_count_on_screen():
+    e = env.Env(32, episode_len=1 << 30)
+    e.reset(play.world_seed(0, 0))
+    counts = range(env.MAX_COUNT + 1)
+    frames = []
+    for n in counts:
+        e.inv[env.WOOD] = n
+        frames.append(e.render())
+    shown = play.shows_table_cost(np.stack(frames))
+    assert shown.tolist() == [n >= env.TABLE_COST for n in counts]
+
+
 # ---- The command line at --preset smoke ----------------------------------------------------------
 
 
