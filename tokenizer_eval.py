@@ -140,9 +140,10 @@ def sprite_recall(true: np.ndarray, recon: np.ndarray) -> dict:
     """What the reconstruction keeps of the built-in world (not in paper): for each kind of tile
     (terrain, table, agent, creature, a tile being mined with its crack), the share of the real
     frames' tiles of that kind drawn as the same sprite (nearest sprite,
-    environment.read_frames), and the share of non-empty inventory slots read back with the
-    right count. A tokenizer that drops a rare sprite leaves the world model nothing to learn it
-    from. true, recon: (M, H, W, 3) in 0…255. Empty for frames Env did not render."""
+    environment.read_frames), the share of non-empty inventory slots read back with the right
+    count, and of those that hold more than one (the count itself, not only that the slot holds
+    something: a table costs 2 wood). A tokenizer that drops a rare sprite leaves the world model
+    nothing to learn it from. true, recon: (M, H, W, 3) in 0…255. Empty for frames Env did not render."""
     H, W = true.shape[1:3]
     if H != W or H % 8 or H < environment.MIN_IMAGE_SIZE:
         return {}  # not a size Env renders
@@ -159,6 +160,8 @@ def sprite_recall(true: np.ndarray, recon: np.ndarray) -> dict:
     held = want["inv"] > 0  # (M, 7) slots with something in them
     right = got["inv"] == want["inv"]
     out["sprite_recall_inventory"] = float(right[held].mean()) if held.any() else None
+    many = want["inv"] > 1  # (M, 7) slots whose count is more than one
+    out["sprite_recall_inventory_over_one"] = float(right[many].mean()) if many.any() else None
     return out
 
 

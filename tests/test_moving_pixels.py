@@ -247,3 +247,18 @@ def test_sprite_recall_sees_a_reconstruction_that_drops_the_cracks():
 def test_sprite_recall_is_empty_for_frames_of_another_world():
     noise = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(float)
     assert te.sprite_recall(noise, noise) == {}
+
+
+def test_sprite_recall_sees_a_count_drawn_one_too_low():
+    """Two wood drawn as one: the slot still holds something, but the count is wrong."""
+    import environment as env
+    e = env.Env(32, episode_len=1 << 30)
+    e.reset(env.episode_seed(0, "eval", 0))
+    e.inv[env.WOOD] = 2
+    two = e.render()[None]  # (1, H, W, 3)
+    e.inv[env.WOOD] = 1
+    one = e.render()[None]
+    out = te.sprite_recall(two.astype(float), one.astype(float))
+    assert out["sprite_recall_inventory_over_one"] == 0.0
+    assert te.sprite_recall(two.astype(float), two.astype(float))[
+        "sprite_recall_inventory_over_one"] == 1.0
