@@ -78,8 +78,8 @@ CRACK_COLOUR = (235, 215, 160)  # the pale split on a tile being mined (see _spr
 # The look of the frames: raised whenever a sprite changes, recorded in each dataset's meta.json so
 # that a dataset drawn by older sprites is recognised (data.ensure_dataset). 2: the wide pale split
 # of 2026-12-05 in place of a one-pixel dark crack. 3: material slots that light up as a whole
-# (2026-12-06) in place of a two-pixel-wide count bar. 4: a material slot's count is its shade, the
-# whole slot (2026-12-06), in place of a bar of quarters the tokenizer did not keep.
+# (2026-12-06) in place of a two-pixel-wide count bar. 4: a material slot's count is the shade of
+# the whole slot (2026-12-06), in place of a bar of quarters the tokenizer did not keep.
 RENDER_VERSION = 4
 RECIPES = [(WOOD_PICK, {WOOD: 1}, 2),  # (tool, cost, task)
            (STONE_PICK, {WOOD: 1, STONE_I: 1}, 4),
@@ -296,12 +296,13 @@ def _sprites(image_size: int) -> dict:
     tiles += [np.where(((np.abs(u + v - 1) < 0.3) & (v < stage / 4))[..., None],
                        split, tiles[terrain])
               for terrain in MINABLE for stage in range(1, 5)]
-    # Inventory slots. A material slot shows its count as the shade of the whole slot: 1 dim,
-    # 2 the full colour, 3 and 4 paler towards white. Every step of the count changes 12 of the
-    # slot's 16 pixels at 32×32, and 1 → 2 (the wood a table costs) by as much as the first wood.
+    # Inventory slots. A material slot shows its count as the shade of the whole slot: the full
+    # colour for 1, and each further unit halves the distance to white. Every step changes 12 of
+    # the slot's 16 pixels at 32×32, the first two (the wood a pickaxe and a table cost) by most.
     # A bar of quarters in full colour on a dim slot made 1 and 2 wood differ in 3 pixels, which
-    # the tokenizer never kept: its pictures showed 1 wood where the frame showed 2 (docs/log.md,
-    # "Why the table fails in the dream"). Tools: a pickaxe icon, its head in its material's colour.
+    # the tokenizer never kept: its pictures showed 1 wood where the frame showed 2; a dim shade
+    # for 1 halved the first wood's change, and the dream drew it a third as often (docs/log.md,
+    # "A count the tokenizer keeps"). Tools: a pickaxe icon, its head in its material's colour.
     colours, dark = [(150, 95, 40), (170, 170, 175), (230, 150, 95), (90, 235, 235)], (35, 35, 40)
     gap = max(1, s // 8) / s  # one dark gap column between slots
     slot_u = u < 1 - gap
@@ -310,10 +311,8 @@ def _sprites(image_size: int) -> dict:
     slots = np.zeros((8, MAX_COUNT + 1, s, s, 3), np.uint8)
     for k, n in np.ndindex(8, MAX_COUNT + 1):
         if k < 4 and n:  # a material: the slot in the shade of count n
-            shades = [tuple(int(0.45 * c + 0.55 * d) for c, d in zip(colours[k], dark)),  # 1
-                      colours[k],  # 2
-                      *(tuple(int(c + f * (255 - c)) for c in colours[k]) for f in (1 / 3, 2 / 3))]
-            slots[k, n] = paint(dark, (slot_u, shades[n - 1]))
+            shade = tuple(int(255 - (255 - c) / 2 ** (n - 1)) for c in colours[k])
+            slots[k, n] = paint(dark, (slot_u, shade))
         elif 4 <= k < 7 and n:  # a tool
             head = bar_u & (v < 0.3)
             slots[k, n] = paint(dark, (head, colours[k - 4]), (handle, (200, 170, 120)))

@@ -73,6 +73,16 @@ def test_inventory_change_touches_only_the_strip(size):
 
 
 @pytest.mark.parametrize("size", [32, 64])
+def test_each_unit_of_a_material_repaints_its_whole_slot(size):
+    """The count is the shade of the whole slot, so that one wood against two (the cost of a
+    table) differs in every pixel of the slot, not in a few the tokenizer can drop."""
+    slots = environment._sprites(size)["slots"]  # (8, MAX_COUNT + 1, s, s, 3)
+    inner = slots[:4, :, :, :-1]  # the 4 materials, without the dark gap column on the right
+    step = (inner[:, 1:] != inner[:, :-1]).any(-1)  # (4, MAX_COUNT, s, s − 1)
+    assert step.all()
+
+
+@pytest.mark.parametrize("size", [32, 64])
 def test_decode_frames_reads_the_inventory(size):
     _, frame = rendered(size)
     np.testing.assert_array_equal(environment.decode_frames(frame[None])["inv"][0], INVENTORY)
