@@ -143,7 +143,8 @@ def sprite_recall(true: np.ndarray, recon: np.ndarray) -> dict:
     environment.read_frames), the share of non-empty inventory slots read back with the right
     count, and of those that hold more than one (the count itself, not only that the slot holds
     something: a table costs 2 wood). A tokenizer that drops a rare sprite leaves the world model
-    nothing to learn it from. true, recon: (M, H, W, 3) in 0…255. Empty for frames Env did not render."""
+    nothing to learn it from. true, recon: (M, H, W, 3) in 0…255. Empty for frames Env did not
+    render."""
     H, W = true.shape[1:3]
     if H != W or H % 8 or H < environment.MIN_IMAGE_SIZE:
         return {}  # not a size Env renders
