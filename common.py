@@ -422,8 +422,8 @@ FLAG_RANGES = {
     # space_rope_base: 0 = no space RoPE in dynamics.py (the tokenizer's default is 10)
     **dict.fromkeys(("weight_decay", "lpips_weight", "boot_clip", "beta", "soft_cap", "warmup",
                      "seed", "stop_at", "resize", "space_rope_base"), NON_NEGATIVE),
-    **dict.fromkeys(("mae_max", "flow_frac", "start_frac", "event_frac", "relevant_frac",
-                     "long_only_frac", "lam", "alpha"), FRACTION),
+    **dict.fromkeys(("mae_max", "flow_frac", "start_frac", "event_frac", "inventory_frac",
+                     "relevant_frac", "long_only_frac", "lam", "alpha"), FRACTION),
     **dict.fromkeys(("ctx_tau", "gamma"), SIGNAL),
     "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),  # 1 would never move the EMA weights
     "heldout": (lambda v: 0 < v < 1, "in (0, 1)"),  # both splits must hold an episode

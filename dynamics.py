@@ -73,6 +73,7 @@ class Args:
     tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     event_frac: float = 0.0  # milestone rows added per uniform row (not in paper)
+    inventory_frac: float = 0.0  # rows ending at an inventory change, per uniform row (ours)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -119,7 +120,7 @@ PRESETS = {
         # noisy frames weighing most (the inverse of Eq 8's ramp), and a quarter as many rows
         # again that end at a milestone (where the dataset has reward labels)
         ctx_stream=True, k_min=4, start_frac=0.1, space_rope_base=10.0, tau_weight="inverse",
-        event_frac=0.25,
+        event_frac=0.25, inventory_frac=0.25,
         eval_seqs=128, fps_frames=64,
     ),
 }
@@ -533,22 +534,30 @@ def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, 
 # ---- Training ------------------------------------------------------------------------------------
 
 
-def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float) -> dict:
+def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float,
+                   inventory_frac: float = 0.0) -> dict:
     """Training windows of T frames: B uniformly, then round(event_frac·B) more among the windows
     whose last frame holds a milestone (a reward event; `--event-frac`, not in paper,
     docs/deviations.md): a history, then the event. The events that the agent stages need are
     rare (a few per 256 frames); in these rows the event frame weighs as much as a whole row
     (forcing_batch), and the history before it (the presses that did not yet fell the tree) is
     trained as usual: the counter-examples. The milestone rows come on top of the B uniform
-    ones: taken from them, they cost the moves, which are learned from the uniform windows."""
-    n_event = round(event_frac * B)
-    if n_event == 0:
-        return cache.sample(B, T)
-    if cache.rewards is None:  # train() asks milestone_share first; this guards other callers
+    ones: taken from them, they cost the moves, which are learned from the uniform windows.
+    Then round(inventory_frac·B) rows ending where the inventory shown changes (`--inventory-frac`,
+    not in paper; the built-in world, read off its frames): the second wood a table costs, a
+    wood the creature steals, pays no reward, and is as rare."""
+    n_event, n_inventory = round(event_frac * B), round(inventory_frac * B)
+    if n_event and cache.rewards is None:  # train() asks milestone_share first
         raise ValueError("milestone rows need reward labels, and this cache has none")
-    uniform, event = cache.sample(B, T), cache.sample(n_event, T, relevant=True)
-    return {k: None if uniform[k] is None else torch.cat([uniform[k], event[k]])
-            for k in ("latents", "actions", "rewards")}  # (B + n_event, T, …) each
+    parts = [cache.sample(B, T)]
+    if n_event:
+        parts.append(cache.sample(n_event, T, relevant=True))
+    if n_inventory:
+        parts.append(cache.sample(n_inventory, T, inventory=True))
+    if len(parts) == 1:
+        return parts[0]
+    return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
+            for k in ("latents", "actions", "rewards")}  # (B + n_event + n_inventory, T, …) each
 
 
 def milestone_share(a: Args, has_rewards: bool) -> float:
@@ -563,6 +572,22 @@ def milestone_share(a: Args, has_rewards: bool) -> float:
                          f"--tokenizer {a.tokenizer} --event-frac 0")
     print(f"note: this dataset has no reward labels, so no milestone rows (--event-frac 0; "
           f"--preset {a.preset} would add {a.event_frac} per uniform row)")
+    return 0.0
+
+
+def inventory_share(a: Args, shows_inventory: bool) -> float:
+    """The --inventory-frac a run can use: the inventory is read off the frames of the built-in
+    world only. Elsewhere the rows are dropped with a note when the share came from the preset,
+    and the run stops with what to do when it was asked for on the command line."""
+    if a.inventory_frac == 0 or shows_inventory:
+        return a.inventory_frac
+    if "inventory_frac" in getattr(a, "_given", ()):
+        raise SystemExit("--inventory-frac reads the inventory off the frames of the built-in "
+                         "world (python data.py), and this dataset is another: train with "
+                         f"--inventory-frac 0, e.g. python dynamics.py --preset {a.preset} "
+                         f"--tokenizer {a.tokenizer} --inventory-frac 0")
+    print(f"note: the inventory of this dataset cannot be read off its frames, so no rows end at "
+          f"its changes (--inventory-frac 0; --preset {a.preset} would add {a.inventory_frac})")
     return 0.0
 
 
@@ -623,6 +648,7 @@ def train(a: Args) -> dict:
     train_data = LatentCache(tok_dir, "train", seed=a.seed)
     held = LatentCache(tok_dir, "heldout", seed=a.seed + 1)
     a.event_frac = milestone_share(a, train_data.rewards is not None)  # recorded as it ran
+    a.inventory_frac = inventory_share(a, train_data.shows_inventory)  # so is this
     action_classes = [int(n) for _, n in train_data.meta.get("action_components", [])]
     if train_data.actions is None:
         print("note: the dataset has no actions: an unconditional video model (base embedding)")
@@ -675,13 +701,14 @@ def train(a: Args) -> dict:
         train_data.rng = np.random.default_rng([a.seed, step])
         gen.manual_seed(a.seed * 1_000_003 + step)
         B, T = batch_shape(step, a)
-        batch = sample_windows(train_data, B, T, a.event_frac)  # B + round(event_frac·B) rows
+        batch = sample_windows(train_data, B, T, a.event_frac, a.inventory_frac)  # B + E rows
         acts = None if batch["actions"] is None else batch["actions"].to(device)
+        n_events = round(a.event_frac * B) + round(a.inventory_frac * B)  # E milestone rows
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
-                           event_rows=round(a.event_frac * B))
+                           event_rows=n_events)
         rows = fb["clean"].shape[0]  # B and the milestone rows
-        fb = common.shard(fb, "--batch (with the --event-frac rows)")  # this rank's rows
+        fb = common.shard(fb, "--batch (with the milestone rows)")  # this rank's rows
 
         def f(z, tau, d, rows=None):  # ẑ₁ = f_θ(z̃, τ, d, a) with this batch's actions and starts
             prev, valid, ind = row_select(fb, rows)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import environment
 
 
 @dataclass
@@ -429,7 +430,8 @@ class LatentCache:
 
     sample(B, T) draws B windows uniformly over all valid starts (windows may overlap); with
     relevant=True only windows whose last frame holds a reward event: a history, then the event
-    (dynamics.py's `--event-frac`). The generator `rng` is the sampler's own.
+    (dynamics.py's `--event-frac`); with inventory=True only those ending where the built-in
+    world's inventory changes (`--inventory-frac`). The generator `rng` is the sampler's own.
     """
 
     def __init__(self, tokenizer_dir: str = "runs/tokenizer", split: str = "train", seed: int = 0):
@@ -455,10 +457,28 @@ class LatentCache:
         self.rng = np.random.default_rng(seed)
         self._valid = {}  # start lists per (T, relevant): the stages alternate both
 
-    def _starts(self, T: int, relevant: bool):
-        """Global start offsets of all windows of length T (`relevant`: ending at a reward)."""
+    @property
+    def shows_inventory(self) -> bool:
+        """Is the data the built-in world at this render version, whose frames decode to a state?"""
+        return (self.meta.get("generator") == data.GENERATOR
+                and self.meta.get("render_version", 1) == environment.RENDER_VERSION)
+
+    def _inventory_changes(self, ep: dict) -> np.ndarray:
+        """(T_ep,) bool: frame t shows another inventory than frame t − 1, read off the frames of
+        the built-in world (environment.decode_frames); dynamics.py's `--inventory-frac`."""
+        if not self.shows_inventory:
+            raise ValueError(f"{self.data_root} is not the built-in world at render version "
+                             f"{environment.RENDER_VERSION}, so its inventory cannot be read off "
+                             f"the frames: train with --inventory-frac 0")
+        frames = np.array(data.mapped_frames(self.data_root, ep["id"]))  # (T_ep, H, W, 3)
+        inv = environment.decode_frames(frames)["inv"]  # (T_ep, 7)
+        return np.concatenate([[False], (inv[1:] != inv[:-1]).any(-1)])  # (T_ep,)
+
+    def _starts(self, T: int, relevant: bool, inventory: bool = False):
+        """Global start offsets of all windows of length T (`relevant`: ending at a reward;
+        `inventory`: ending at a change of the inventory, on the built-in world)."""
         short = [ep["id"] for ep in self.episodes if ep["length"] < T]
-        if short and not relevant:  # said once per window length, not silently
+        if short and not (relevant or inventory):  # said once per window length, not silently
             print(f"note: {len(short)} of {len(self.episodes)} '{self.split}' episodes are shorter "
                   f"than the {T}-frame windows and are left out (e.g. {short[0]}); "
                   f"`python data.py --check {self.data_root}` lists them")
@@ -469,16 +489,18 @@ class LatentCache:
             if relevant:  # the window's last frame, s + T − 1, holds a reward event
                 r = (np.asarray(self.rewards[first:first + length]) > 0).any(-1)  # (T_ep,)
                 s = s[r[s - first + T - 1]]
+            if inventory:  # the inventory shown changes on the window's last frame
+                s = s[self._inventory_changes(ep)[s - first + T - 1]]
             starts.append(s)
         return np.concatenate(starts) if starts else np.zeros(0, int)
 
     def sample(self, batch_size: int, seq_len: int, relevant: bool = False,
-               with_frames: bool = False) -> dict:
-        key = (seq_len, relevant)
+               with_frames: bool = False, inventory: bool = False) -> dict:
+        key = (seq_len, relevant, inventory)
         if key not in self._valid:
-            self._valid[key] = self._starts(seq_len, relevant)
+            self._valid[key] = self._starts(seq_len, relevant, inventory)
             if len(self._valid[key]) == 0:
-                kind = "reward-ending " if relevant else ""
+                kind = "reward-ending " if relevant else "inventory-changing " if inventory else ""
                 raise ValueError(f"no {kind}window of {seq_len} frames in the '{self.split}' "
                                  f"split: use shorter sequences or more data")
         starts = self.rng.choice(self._valid[key], size=batch_size)

@@ -20,13 +20,16 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import common
+import data
 import dynamics as dy
 import dynamics_eval
+import environment as env
 from conftest import ROOT, run
 
 K_MAX = 64
@@ -1054,3 +1057,48 @@ def test_event_frac_zero_samples_uniformly_as_before(smoke_tokenizer):
     a, b = (LatentCache(os.path.dirname(tok), "train", seed=3) for _ in range(2))
     torch.testing.assert_close(dy.sample_windows(a, 6, 4, 0.0)["latents"],
                                b.sample(6, 4)["latents"])
+
+
+def test_inventory_rows_end_where_the_inventory_read_off_the_frames_changes(smoke_tokenizer):
+    """--inventory-frac: the windows end where the inventory changes, re-derived here with the
+    nearest-sprite reader instead of the exact decoder the cache uses."""
+    from tokenizer import LatentCache
+    _, tok = smoke_tokenizer
+    cache = LatentCache(os.path.dirname(tok), "train", seed=0)
+    T, expected, unpaid = 4, [], 0
+    for ep in cache.episodes:
+        first, length = ep["offset"], ep["length"]
+        inv = env.read_frames(data.load_frames(os.path.join(
+            cache.data_root, ep["id"] + ".npz")))["inv"]  # (T_ep, 7)
+        rewards = np.asarray(cache.rewards[first:first + length])  # (T_ep, n_tasks)
+        for t in range(T - 1, length):  # t: the window's last frame
+            if (inv[t] != inv[t - 1]).any():
+                expected.append(first + t - T + 1)
+                unpaid += not (rewards[t] > 0).any()
+    assert sorted(cache._starts(T, relevant=False, inventory=True).tolist()) == expected
+    assert unpaid > 0  # changes that no reward marks: what the rows are for
+
+
+def test_inventory_frac_adds_its_rows_after_the_milestone_rows(smoke_tokenizer):
+    from tokenizer import LatentCache
+    _, tok = smoke_tokenizer
+    a, b = (LatentCache(os.path.dirname(tok), "train", seed=3) for _ in range(2))
+    batch = dy.sample_windows(a, 16, 4, 0.25, inventory_frac=0.5)  # 16 + 4 + 8 rows
+    assert batch["latents"].shape[:2] == (28, 4)
+    assert (batch["rewards"][16:20, -1] > 0).any(-1).all()  # the milestone rows, as before
+    expected = b.sample(16, 4)["latents"]  # the uniform rows, as an event-free run draws them
+    torch.testing.assert_close(batch["latents"][:16], expected)
+
+
+def test_preset_inventory_rows_are_dropped_on_other_data(capsys):
+    a = dy.Args(preset="cpu", inventory_frac=0.25)
+    a._given = {"preset"}  # from the preset, not the command line
+    assert dy.inventory_share(a, shows_inventory=False) == 0.0
+    assert "cannot be read off its frames" in capsys.readouterr().out
+
+
+def test_asked_for_inventory_rows_on_other_data_stop_with_the_fix():
+    a = dy.Args(preset="cpu", inventory_frac=0.25)
+    a._given = {"preset", "inventory_frac"}
+    with pytest.raises(SystemExit, match="--inventory-frac 0"):
+        dy.inventory_share(a, shows_inventory=False)
