@@ -12,7 +12,7 @@ Writes: runs/dynamics/  ckpt.pt, args.json, metrics.jsonl, summary.json, and the
 
 Run:
     python dynamics.py                   # default preset: 64×64, one GPU
-    python dynamics.py --preset cpu      # 32×32, ≈ 17 min on 2 CPU cores (after tokenizer.py
+    python dynamics.py --preset cpu      # 32×32, ≈ 20 min on 2 CPU cores (after tokenizer.py
                                          # --preset cpu); its laptop-sized choices:
                                          # docs/deviations.md#the-cpu-preset
     python dynamics.py --preset smoke    # seconds; used by the tests
@@ -73,7 +73,7 @@ class Args:
     tau_weight: str = "ramp"  # loss weight per τ: ramp (Eq 8) | inverse: 1 − 0.9τ (not in paper)
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     event_frac: float = 0.0  # milestone rows added per uniform row (not in paper)
-    inventory_frac: float = 0.0  # rows ending at an inventory change, per uniform row (ours)
+    inventory_frac: float = 0.0  # rows ending at an inventory change per uniform row (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -114,11 +114,12 @@ PRESETS = {
         tokenizer="runs/cpu/tokenizer/ckpt.pt", out="runs/cpu/dynamics",
         dim=128, depth=4, heads=4, kv_heads=2, registers=4, context=16,
         batch=8, seq_len=8, batch_long=3, seq_len_long=24, long_every=8,
-        steps=4500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 17 min with evaluation, 2 cores
+        steps=4500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 20 min with evaluation, 2 cores
         # the laptop budget's departures (docs/deviations.md#the-cpu-preset): a history stream,
         # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, the
-        # noisy frames weighing most (the inverse of Eq 8's ramp), and a quarter as many rows
-        # again that end at a milestone (where the dataset has reward labels)
+        # noisy frames weighing most (the inverse of Eq 8's ramp), a quarter as many rows again
+        # that end at a milestone (where the dataset has reward labels), and a quarter more that
+        # end where the inventory changes (on the built-in world)
         ctx_stream=True, k_min=4, start_frac=0.1, space_rope_base=10.0, tau_weight="inverse",
         event_frac=0.25, inventory_frac=0.25,
         eval_seqs=128, fps_frames=64,
@@ -333,7 +334,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
                                    L = (1 − τ)²·‖(ẑ₁ − z̃)/(1 − τ) − sg(b′ + b″)/2‖²
     x_clip > 0 clamps the half-step x-predictions to ±x_clip (`--boot-clip`, not in paper);
     weight: "ramp" (Eq 8) or "inverse" (`--tau-weight`, not in paper; see tau_weight).
-    frame_weight (B, T), optional: a further weight per frame (`--event-frac`; forcing_batch).
+    frame_weight (B, T), optional: a further weight per frame (the milestone rows; forcing_batch).
     Returns loss = mean w(τ)·frame_weight·L, its flow and boot parts (loss = flow + boot), L (B, T).
     """
 
@@ -365,7 +366,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
     w = tau_weight(tau, weight)  # Eq 8 (or --tau-weight) on both terms: the paper does not say
-    if frame_weight is not None:  # --event-frac: an event row's event frame weighs a whole row
+    if frame_weight is not None:  # milestone rows: the row's event frame weighs a whole row
         w = w * frame_weight
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
@@ -381,9 +382,9 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     packed (App A); per-frame (τ, d) (Eq 4); noise z₀; start-frame rows (§3.4: `start_frac` of the
     sequences are independent images, with no action); a_{t−1} (None for unlabelled clips).
     history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx.
-    event_rows (`--event-frac`, not in paper): the last rows end at an event (sample_windows);
-    frame_weight (B, T) weighs each such row's last frame T (the weight of a whole row), every
-    other frame 1, and the start rows are drawn among the other rows."""
+    event_rows (`--event-frac`, `--inventory-frac`; not in paper): the last rows end at an event
+    (sample_windows); frame_weight (B, T) weighs each such row's last frame T (the weight of a
+    whole row), every other frame 1, and the start rows are drawn among the other rows."""
     clean = pack(latents)  # (B, T, N_z, C_z)
     B, T = clean.shape[:2]
     dev = clean.device
@@ -544,8 +545,8 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float,
     trained as usual: the counter-examples. The milestone rows come on top of the B uniform
     ones: taken from them, they cost the moves, which are learned from the uniform windows.
     Then round(inventory_frac·B) rows ending where the inventory shown changes (`--inventory-frac`,
-    not in paper; the built-in world, read off its frames): the second wood a table costs, a
-    wood the creature steals, pays no reward, and is as rare."""
+    not in paper; the built-in world, read off its frames): neither the second wood a table
+    costs nor a wood the creature steals pays a reward, and both are as rare."""
     n_event, n_inventory = round(event_frac * B), round(inventory_frac * B)
     if n_event and cache.rewards is None:  # train() asks milestone_share first
         raise ValueError("milestone rows need reward labels, and this cache has none")
