@@ -455,7 +455,8 @@ class LatentCache:
         self.latents, self.actions, self.rewards = load("latents"), load("actions"), load("rewards")
         self.meta = data.load_meta(self.data_root)
         self.rng = np.random.default_rng(seed)
-        self._valid = {}  # start lists per (T, relevant): the stages alternate both
+        self._valid = {}  # start lists per (T, relevant, inventory): the stages alternate them
+        self._changes = {}  # episode id -> (T_ep,) inventory changes, read once for both lengths
 
     @property
     def shows_inventory(self) -> bool:
@@ -466,13 +467,17 @@ class LatentCache:
     def _inventory_changes(self, ep: dict) -> np.ndarray:
         """(T_ep,) bool: frame t shows another inventory than frame t − 1, read off the frames of
         the built-in world (environment.decode_frames); dynamics.py's `--inventory-frac`."""
+        if ep["id"] in self._changes:
+            return self._changes[ep["id"]]
         if not self.shows_inventory:
             raise ValueError(f"{self.data_root} is not the built-in world at render version "
                              f"{environment.RENDER_VERSION}, so its inventory cannot be read off "
                              f"the frames: train with --inventory-frac 0")
         frames = np.array(data.mapped_frames(self.data_root, ep["id"]))  # (T_ep, H, W, 3)
         inv = environment.decode_frames(frames)["inv"]  # (T_ep, 7)
-        return np.concatenate([[False], (inv[1:] != inv[:-1]).any(-1)])  # (T_ep,)
+        changes = np.concatenate([[False], (inv[1:] != inv[:-1]).any(-1)])  # (T_ep,)
+        self._changes[ep["id"]] = changes
+        return changes
 
     def _starts(self, T: int, relevant: bool, inventory: bool = False):
         """Global start offsets of all windows of length T (`relevant`: ending at a reward;
