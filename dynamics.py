@@ -704,7 +704,7 @@ def train(a: Args) -> dict:
         B, T = batch_shape(step, a)
         batch = sample_windows(train_data, B, T, a.event_frac, a.inventory_frac)  # B + E rows
         acts = None if batch["actions"] is None else batch["actions"].to(device)
-        n_events = round(a.event_frac * B) + round(a.inventory_frac * B)  # E milestone rows
+        n_events = batch["latents"].shape[0] - B  # E: the milestone and inventory rows
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
                            event_rows=n_events)
