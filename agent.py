@@ -39,8 +39,8 @@ import torch.nn.functional as F
 import common
 import environment
 from dynamics import (DynamicsModel, build_model, context_signal_level, corrupt, forcing_batch,
-                      history_stream, load_dynamics, row_select, sample_frame, shift_actions,
-                      shortcut_forcing_loss)
+                      history_stream, load_dynamics, milestone_windows, row_select, sample_frame,
+                      shift_actions, shortcut_forcing_loss)
 from tokenizer import LatentCache, load_tokenizer, pack
 
 
@@ -52,6 +52,7 @@ class Args:
     out: str = "runs/agent"  # run folder: checkpoint, metrics, summary, pictures
     from_scratch: bool = False  # the "BC" baseline (Table 7): random init, no video loss
     video_loss: bool = True  # keep the Eq 7 video loss on the uniform half (§3.3)
+    event_rows: bool = True  # and stage 1b's milestone and inventory rows in it (not in paper)
     mtp: int = 8  # L: MTP offsets n = 0…L−1 (Eq 9: L = 8, the sum to L read as 8 terms)
     head_hidden: int = 256  # width of the policy / reward MLP heads (not in paper)
     bins: int = 255  # twohot bins at symexp(linspace(−20, 20)) (DreamerV3; not in paper)
@@ -61,6 +62,7 @@ class Args:
     start_frac: float = 0.3  # start-frame share of the video-loss rows (§3.4, as in stage 1b)
     steps: int = 5000  # optimiser steps (not in paper)
     lr: float = 3e-4  # AdamW peak learning rate (not in paper)
+    wm_lr: float = 0.0  # peak learning rate of the world model's weights; 0 = --lr (not in paper)
     warmup: int = 200  # linear warm-up steps, then cosine decay to 10 % (not in paper)
     weight_decay: float = 0.01  # AdamW weight decay (not in paper)
     grad_clip: float = 1.0  # gradient-norm clipping (not in paper)
@@ -448,6 +450,17 @@ def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
     return model.to(device), ckpt
 
 
+def param_groups(model: AgentModel, a: Args) -> list[dict]:
+    """The optimiser's two groups, each with its peak learning rate: the world model's own weights
+    (stage 1b's) and the new agent token, task embedding and heads. A finetuned world model can
+    take a lower peak (--wm-lr, not in paper); a randomly initialised one (--from-scratch) learns
+    everything at --lr."""
+    wm_lr = a.lr if a.from_scratch or not a.wm_lr else a.wm_lr
+    wm_ids = {id(p) for p in model.dyn.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) in wm_ids], "peak": wm_lr},
+            {"params": [p for p in model.parameters() if id(p) not in wm_ids], "peak": a.lr}]
+
+
 def train(a: Args) -> dict:
     common.init_distributed(a.device)  # under torchrun: one of several data-parallel ranks
     common.check_batch("--batch", a.batch)  # the global batch, split over the ranks
@@ -480,7 +493,7 @@ def train(a: Args) -> dict:
     init = "random init" if a.from_scratch else "from " + a.dynamics
     print(f"agent: {n_params / 1e6:.2f}M parameters ({init}), video loss {video_loss}, "
           f"{sum(map(len, sampler.events.values()))} reward events in the train split")
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
+    opt = torch.optim.AdamW(param_groups(model, a), lr=a.lr, weight_decay=a.weight_decay,
                             betas=(0.9, 0.95))
     norms = {k: common.RunningRMS() for k in ("video", "bc", "reward")}
     step = 0
@@ -517,6 +530,12 @@ def train(a: Args) -> dict:
     tau_hist = context_signal_level(dargs.get("ctx_tau", 0.9), model.k_max)
     n_uni = a.batch - int(round(a.batch * a.relevant_frac))  # uniform rows; the rest: relevant
     common.check_batch("--batch × (1 − --relevant-frac)", n_uni)  # each rank: 1/G of each half
+    # The video loss keeps stage 1b's extra rows (--event-rows; the cpu preset's world model has
+    # them): on the uniform windows alone, phase 2 forgets the rare events its world model learned
+    # from them, and the dream stops placing tables (docs/deviations.md#agentpy)
+    keep = video_loss and a.event_rows
+    n_event = round(dargs.get("event_frac", 0.0) * n_uni) if keep else 0
+    n_inventory = round(dargs.get("inventory_frac", 0.0) * n_uni) if keep else 0
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run = time.time(), 0
     while step < a.steps:
@@ -528,15 +547,24 @@ def train(a: Args) -> dict:
         lat, acts, task = b["latents"], b["actions"], b["task"]  # (B, T, N_b, D_b), (B, T, A), (B,)
         B, T = acts.shape[:2]
         for g in opt.param_groups:
-            g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
+            g["lr"] = common.lr_at(step, g["peak"], a.warmup, a.steps)
         with common.autocast(device):
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b
-                fb = forcing_batch(lat[:n_uni], acts[:n_uni], model.k_max, a.start_frac, gen,
+                v_lat, v_acts, v_task = lat[:n_uni], acts[:n_uni], task[:n_uni]
+                train_cache.rng = np.random.default_rng([a.seed, step, 1])  # as sampler.rng
+                extra = milestone_windows(train_cache, n_event, n_inventory, T)
+                if extra is not None:  # stage 1b's extra rows after the uniform ones
+                    v_lat = torch.cat([v_lat, extra["latents"].to(device)])  # (B_v, T, N_b, D_b)
+                    v_acts = torch.cat([v_acts, extra["actions"].to(device)])  # (B_v, T, A)
+                    # no head reads these rows: the frame predictions do not see the task
+                    v_task = torch.cat([v_task, v_task.new_zeros(n_event + n_inventory)])
+                fb = forcing_batch(v_lat, v_acts, model.k_max, a.start_frac, gen,
                                    dargs.get("k_min", 1), dargs.get("flow_frac", 0.0),
-                                   tau_hist if dargs.get("ctx_stream") else None)
+                                   tau_hist if dargs.get("ctx_stream") else None,
+                                   event_rows=n_event + n_inventory)
                 # this rank's uniform rows of the global draws (all of them in one process)
-                fb, task_uni = common.shard(fb), common.shard(task[:n_uni])
+                fb, task_uni = common.shard(fb), common.shard(v_task)
 
                 def f(z, tau, d, rows=None):  # ẑ₁ of the uniform half (or its `rows`: Eq 7)
                     prev, valid, indep = row_select(fb, rows)
@@ -553,7 +581,8 @@ def train(a: Args) -> dict:
 
                 terms["video"] = shortcut_forcing_loss(
                     f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,
-                    dargs.get("boot_clip", 0.0), dargs.get("tau_weight", "ramp"))["loss"]
+                    dargs.get("boot_clip", 0.0), dargs.get("tau_weight", "ramp"),
+                    fb["frame_weight"])["loss"]
             # Agent pass: every frame at τ_ctx, as when acting (not in paper: docs/deviations.md)
             clean = pack(lat)  # (B, T, N_z, C_z)
             noise = torch.randn(clean.shape, generator=gen, device=device)  # (B, T, N_z, C_z)
@@ -603,7 +632,10 @@ def train(a: Args) -> dict:
         **flops.speed(device, wall, steps_run, steps_run * a.batch * a.seq_len),
         "policy": POLICY[a.from_scratch], "from_scratch": a.from_scratch, "mtp": a.mtp,
         "video_loss": video_loss, "eval_episodes": a.eval_episodes, "ctx_tau_used": tau_c,
-        "reprompt": a.reprompt}
+        "reprompt": a.reprompt,
+        # the video loss's rows per step: the uniform half and stage 1b's extra rows
+        "video_rows": (n_uni + n_event + n_inventory) if video_loss else 0,
+        "video_event_rows": n_event + n_inventory}
     model.eval()
     t0 = time.time()
     policy = AgentPolicy(model, tok, device, a.ctx_tau, a.seed, a.reprompt)

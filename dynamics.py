@@ -547,18 +547,29 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float,
     Then round(inventory_frac·B) rows ending where the inventory shown changes (`--inventory-frac`,
     not in paper; the built-in world, read off its frames): neither the second wood a table
     costs nor a wood the creature steals pays a reward, and both are as rare."""
-    n_event, n_inventory = round(event_frac * B), round(inventory_frac * B)
+    uniform = cache.sample(B, T)
+    extra = milestone_windows(cache, round(event_frac * B), round(inventory_frac * B), T)
+    if extra is None:
+        return uniform
+    return {k: None if uniform[k] is None else torch.cat([uniform[k], extra[k]])
+            for k in ("latents", "actions", "rewards")}  # (B + n_event + n_inventory, T, …) each
+
+
+def milestone_windows(cache: LatentCache, n_event: int, n_inventory: int, T: int) -> dict | None:
+    """sample_windows' extra rows alone: n_event windows ending at a milestone, then n_inventory
+    ending where the inventory changes (latents, actions, rewards; (n_event + n_inventory, T, …)
+    each). None when both counts are 0. Phase 2 keeps them in its video loss (agent.py)."""
     if n_event and cache.rewards is None:  # train() asks milestone_share first
         raise ValueError("milestone rows need reward labels, and this cache has none")
-    parts = [cache.sample(B, T)]
+    parts = []
     if n_event:
         parts.append(cache.sample(n_event, T, relevant=True))
     if n_inventory:
         parts.append(cache.sample(n_inventory, T, inventory=True))
-    if len(parts) == 1:
-        return parts[0]
+    if not parts:
+        return None
     return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
-            for k in ("latents", "actions", "rewards")}  # (B + n_event + n_inventory, T, …) each
+            for k in ("latents", "actions", "rewards")}
 
 
 def milestone_share(a: Args, has_rewards: bool) -> float:

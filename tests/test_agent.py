@@ -556,6 +556,20 @@ def test_default_batch_is_half_uniform_half_relevant():
     assert int(round(ag.Args.batch * ag.Args.relevant_frac)) * 2 == ag.Args.batch
 
 
+def test_param_groups_give_the_world_model_its_own_peak_and_the_agent_parts_lr():
+    model = tiny_agent()
+    wm, new = ag.param_groups(model, ag.Args(lr=1e-3, wm_lr=1e-4))
+    assert (wm["peak"], new["peak"]) == (1e-4, 1e-3)
+    ids = lambda ps: sorted(id(p) for p in ps)  # noqa: E731
+    assert ids(wm["params"]) == ids(model.dyn.parameters())
+    assert ids(wm["params"] + new["params"]) == ids(model.parameters())  # each exactly once
+
+
+def test_param_groups_train_a_model_from_scratch_at_one_rate():
+    groups = ag.param_groups(tiny_agent(), ag.Args(lr=1e-3, wm_lr=1e-4, from_scratch=True))
+    assert [g["peak"] for g in groups] == [1e-3, 1e-3]
+
+
 # ---- Stepping with the KV cache ------------------------------------------------------------------
 
 def stepped(model, B=2, T=6, k=4):
@@ -884,6 +898,22 @@ def test_agent_trains_on_a_history_stream_world_model(smoke_dynamics):
                         "--eval-episodes", "0", "--no-baselines"))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert math.isfinite(rows[-1]["video"]) and rows[-1]["video"] > 0
+
+
+def test_phase_2_video_loss_keeps_the_world_models_milestone_and_inventory_rows(smoke_dynamics):
+    """A world model trained with --event-frac and --inventory-frac: phase 2's video loss adds the
+    same shares of its uniform half (smoke: 2 uniform rows, 1 + 1 more), and none without them."""
+    tmp, _ = smoke_dynamics
+    dyn, out = str(tmp / "dyn_rows"), str(tmp / "agent_rows")
+    dy.train(common.parse_args(dy.Args, dy.PRESETS, [
+        "--preset", "smoke", "--tokenizer", str(tmp / "tok" / "ckpt.pt"), "--out", dyn,
+        "--event-frac", "0.5", "--inventory-frac", "0.5", "--steps", "2", "--eval-seqs", "0"]))
+    for flag, rows in (("--event-rows", 4), ("--no-event-rows", 2)):
+        ag.train(agent_args("--dynamics", os.path.join(dyn, "ckpt.pt"), "--out", out, flag,
+                            "--steps", "2", "--eval-episodes", "0", "--no-baselines"))
+        s = summary_of(out)
+        assert (s["video_rows"], s["video_event_rows"]) == (rows, rows - 2)
+        assert math.isfinite(s["heldout_bc_nll"])
 
 
 def test_checkpoint_chains_to_the_dynamics_checkpoint(smoke_runs):
