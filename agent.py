@@ -62,7 +62,6 @@ class Args:
     start_frac: float = 0.3  # start-frame share of the video-loss rows (§3.4, as in stage 1b)
     steps: int = 5000  # optimiser steps (not in paper)
     lr: float = 3e-4  # AdamW peak learning rate (not in paper)
-    wm_lr: float = 0.0  # peak learning rate of the world model's weights; 0 = --lr (not in paper)
     warmup: int = 200  # linear warm-up steps, then cosine decay to 10 % (not in paper)
     weight_decay: float = 0.01  # AdamW weight decay (not in paper)
     grad_clip: float = 1.0  # gradient-norm clipping (not in paper)
@@ -450,17 +449,6 @@ def load_agent(path: str = "runs/agent/ckpt.pt", device="cpu"):
     return model.to(device), ckpt
 
 
-def param_groups(model: AgentModel, a: Args) -> list[dict]:
-    """The optimiser's two groups, each with its peak learning rate: the world model's own weights
-    (stage 1b's) and the new agent token, task embedding and heads. A finetuned world model can
-    take a lower peak (--wm-lr, not in paper); a randomly initialised one (--from-scratch) learns
-    everything at --lr."""
-    wm_lr = a.lr if a.from_scratch or not a.wm_lr else a.wm_lr
-    wm_ids = {id(p) for p in model.dyn.parameters()}
-    return [{"params": [p for p in model.parameters() if id(p) in wm_ids], "peak": wm_lr},
-            {"params": [p for p in model.parameters() if id(p) not in wm_ids], "peak": a.lr}]
-
-
 def train(a: Args) -> dict:
     common.init_distributed(a.device)  # under torchrun: one of several data-parallel ranks
     common.check_batch("--batch", a.batch)  # the global batch, split over the ranks
@@ -493,7 +481,7 @@ def train(a: Args) -> dict:
     init = "random init" if a.from_scratch else "from " + a.dynamics
     print(f"agent: {n_params / 1e6:.2f}M parameters ({init}), video loss {video_loss}, "
           f"{sum(map(len, sampler.events.values()))} reward events in the train split")
-    opt = torch.optim.AdamW(param_groups(model, a), lr=a.lr, weight_decay=a.weight_decay,
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
                             betas=(0.9, 0.95))
     norms = {k: common.RunningRMS() for k in ("video", "bc", "reward")}
     step = 0
@@ -547,7 +535,7 @@ def train(a: Args) -> dict:
         lat, acts, task = b["latents"], b["actions"], b["task"]  # (B, T, N_b, D_b), (B, T, A), (B,)
         B, T = acts.shape[:2]
         for g in opt.param_groups:
-            g["lr"] = common.lr_at(step, g["peak"], a.warmup, a.steps)
+            g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)
         with common.autocast(device):
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b

@@ -556,20 +556,6 @@ def test_default_batch_is_half_uniform_half_relevant():
     assert int(round(ag.Args.batch * ag.Args.relevant_frac)) * 2 == ag.Args.batch
 
 
-def test_param_groups_give_the_world_model_its_own_peak_and_the_agent_parts_lr():
-    model = tiny_agent()
-    wm, new = ag.param_groups(model, ag.Args(lr=1e-3, wm_lr=1e-4))
-    assert (wm["peak"], new["peak"]) == (1e-4, 1e-3)
-    ids = lambda ps: sorted(id(p) for p in ps)  # noqa: E731
-    assert ids(wm["params"]) == ids(model.dyn.parameters())
-    assert ids(wm["params"] + new["params"]) == ids(model.parameters())  # each exactly once
-
-
-def test_param_groups_train_a_model_from_scratch_at_one_rate():
-    groups = ag.param_groups(tiny_agent(), ag.Args(lr=1e-3, wm_lr=1e-4, from_scratch=True))
-    assert [g["peak"] for g in groups] == [1e-3, 1e-3]
-
-
 # ---- Stepping with the KV cache ------------------------------------------------------------------
 
 def stepped(model, B=2, T=6, k=4):
