@@ -572,35 +572,44 @@ def milestone_windows(cache: LatentCache, n_event: int, n_inventory: int, T: int
             for k in ("latents", "actions", "rewards")}
 
 
-def milestone_share(a: Args, has_rewards: bool) -> float:
-    """The --event-frac a run can use: milestone rows need reward labels to find the events. A
-    dataset without them (e.g. the MiniGrid example) trains without the rows when the share came
-    from the preset, and stops with what to do when it was asked for on the command line."""
-    if a.event_frac == 0 or has_rewards:
-        return a.event_frac
-    if "event_frac" in getattr(a, "_given", ()):
-        raise SystemExit("--event-frac needs reward labels, and this dataset has none: train "
-                         f"with --event-frac 0, e.g. python dynamics.py --preset {a.preset} "
-                         f"--tokenizer {a.tokenizer} --event-frac 0")
-    print(f"note: this dataset has no reward labels, so no milestone rows (--event-frac 0; "
-          f"--preset {a.preset} would add {a.event_frac} per uniform row)")
+def usable_share(a: Args, flag: str, available: bool, stop: str, note: str) -> float:
+    """The share of extra rows (`flag`: "event_frac" or "inventory_frac") a run can use when the
+    rows need something the dataset may lack. Without it the rows are dropped with `note` when the
+    share came from the preset, and the run stops with `stop` (what to do) when it was asked for
+    on the command line."""
+    share = getattr(a, flag)
+    if share == 0 or available:
+        return share
+    if flag in getattr(a, "_given", ()):
+        raise SystemExit(stop)
+    print(note)
     return 0.0
+
+
+def milestone_share(a: Args, has_rewards: bool) -> float:
+    """The --event-frac a run can use: milestone rows need reward labels to find the events (the
+    MiniGrid example has none)."""
+    return usable_share(
+        a, "event_frac", has_rewards,
+        stop="--event-frac needs reward labels, and this dataset has none: train with "
+             f"--event-frac 0, e.g. python dynamics.py --preset {a.preset} "
+             f"--tokenizer {a.tokenizer} --event-frac 0",
+        note=f"note: this dataset has no reward labels, so no milestone rows (--event-frac 0; "
+             f"--preset {a.preset} would add {a.event_frac} per uniform row)")
 
 
 def inventory_share(a: Args, shows_inventory: bool) -> float:
     """The --inventory-frac a run can use: the inventory is read off the frames of the built-in
-    world only. Elsewhere the rows are dropped with a note when the share came from the preset,
-    and the run stops with what to do when it was asked for on the command line."""
-    if a.inventory_frac == 0 or shows_inventory:
-        return a.inventory_frac
-    if "inventory_frac" in getattr(a, "_given", ()):
-        raise SystemExit("--inventory-frac reads the inventory off the frames of the built-in "
-                         "world (python data.py), and this dataset is another: train with "
-                         f"--inventory-frac 0, e.g. python dynamics.py --preset {a.preset} "
-                         f"--tokenizer {a.tokenizer} --inventory-frac 0")
-    print(f"note: the inventory of this dataset cannot be read off its frames, so no rows end at "
-          f"its changes (--inventory-frac 0; --preset {a.preset} would add {a.inventory_frac})")
-    return 0.0
+    world only."""
+    return usable_share(
+        a, "inventory_frac", shows_inventory,
+        stop="--inventory-frac reads the inventory off the frames of the built-in world (python "
+             "data.py), and this dataset is another: train with --inventory-frac 0, e.g. "
+             f"python dynamics.py --preset {a.preset} --tokenizer {a.tokenizer} "
+             "--inventory-frac 0",
+        note="note: the inventory of this dataset cannot be read off its frames, so no rows end "
+             f"at its changes (--inventory-frac 0; --preset {a.preset} would add "
+             f"{a.inventory_frac})")
 
 
 def batch_shape(step: int, a: Args) -> tuple[int, int]:
