@@ -541,9 +541,9 @@ def train(a: Args) -> dict:
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b
                 v_lat, v_acts, v_task = lat[:n_uni], acts[:n_uni], task[:n_uni]
-                train_cache.rng = np.random.default_rng([a.seed, step, 1])  # as sampler.rng
-                extra = milestone_windows(train_cache, n_event, n_inventory, T)
-                if extra is not None:  # stage 1b's extra rows after the uniform ones
+                if n_event or n_inventory:  # --event-rows: stage 1b's rows after the uniform
+                    train_cache.rng = np.random.default_rng([a.seed, step, 1])  # as sampler.rng
+                    extra = milestone_windows(train_cache, n_event, n_inventory, T)
                     v_lat = torch.cat([v_lat, extra["latents"].to(device)])  # (B_v, T, N_b, D_b)
                     v_acts = torch.cat([v_acts, extra["actions"].to(device)])  # (B_v, T, A)
                     # no head reads these rows: the frame predictions do not see the task
