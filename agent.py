@@ -525,6 +525,9 @@ def train(a: Args) -> dict:
     keep = video_loss and a.event_rows
     n_event = round(dargs.get("event_frac", 0.0) * n_uni) if keep else 0
     n_inventory = round(dargs.get("inventory_frac", 0.0) * n_uni) if keep else 0
+    if keep and not (n_event or n_inventory):
+        print(f"note: --event-rows has nothing to keep: {a.dynamics} was trained without "
+              f"milestone or inventory rows (--event-frac 0, --inventory-frac 0)")
     flops = common.FlopMeter(opt)  # counts the first step's FLOPs (MFU in summary.json)
     t_start, steps_run = time.time(), 0
     while step < a.steps:

@@ -558,7 +558,7 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float,
 def milestone_windows(cache: LatentCache, n_event: int, n_inventory: int, T: int) -> dict | None:
     """sample_windows' extra rows alone: n_event windows ending at a milestone, then n_inventory
     ending where the inventory changes (latents, actions, rewards; (n_event + n_inventory, T, …)
-    each). None when both counts are 0. Phase 2 keeps them in its video loss (agent.py)."""
+    each). None when both counts are 0. agent.py --event-rows adds them to phase 2's video loss."""
     if n_event and cache.rewards is None:  # train() asks milestone_share first
         raise ValueError("milestone rows need reward labels, and this cache has none")
     parts = []

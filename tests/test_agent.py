@@ -902,6 +902,14 @@ def test_phase_2_video_loss_keeps_the_world_models_milestone_and_inventory_rows(
         assert math.isfinite(s["heldout_bc_nll"])
 
 
+def test_event_rows_say_so_when_the_world_model_has_none_to_keep(smoke_dynamics, capsys):
+    tmp, dyn = smoke_dynamics  # the smoke world model: no milestone or inventory rows
+    ag.train(agent_args("--dynamics", dyn, "--out", str(tmp / "agent_no_rows"), "--event-rows",
+                        "--steps", "1", "--eval-episodes", "0", "--no-baselines"))
+    assert "--event-rows has nothing to keep" in capsys.readouterr().out
+    assert summary_of(str(tmp / "agent_no_rows"))["video_event_rows"] == 0
+
+
 def test_checkpoint_chains_to_the_dynamics_checkpoint(smoke_runs):
     dyn, runs = smoke_runs
     ckpt = torch.load(os.path.join(runs["full"], "ckpt.pt"), weights_only=True)
