@@ -237,9 +237,10 @@ class AgentModel(nn.Module):
         self.reward_head = MTPHead(D, head_hidden, bins, mtp)
 
     def forward(self, z_tilde, tau, d, prev_actions, act_valid, task, independent=None,
-                cache: common.KVCache | None = None, commit: bool = False, time_layout=None):
+                cache: common.KVCache | None = None, commit: bool = False, time_layout=None,
+                keep_last: int | None = None):
         """z_tilde (B, T, N_z, C_z); tau, d (B, T); prev_actions (B, T, A) = a_{t−1}, act_valid
-        (B, T); task (B,) or (B, T) int64. independent, cache, commit, time_layout: as
+        (B, T); task (B,) or (B, T) int64. independent, cache, commit, time_layout, keep_last: as
         DynamicsModel.forward."""
         B, T = tau.shape
         x = self.dyn.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N_world, D)
@@ -248,7 +249,8 @@ class AgentModel(nn.Module):
         x = torch.cat([x, g.to(x.dtype)], dim=2)  # (B, T, N_world + 1, D)
         h = self.dyn.transformer(x, self.space_pos, space_mask=self.space_mask,
                                  independent=independent, cache=cache, commit=commit,
-                                 time_layout=time_layout)  # (B, T, N_world + 1, D)
+                                 time_layout=time_layout,
+                                 keep_last=keep_last)  # (B, T or keep_last, N_world + 1, D)
         z1 = self.dyn.latent_out(h[:, :, self.dyn.spatial])  # (B, T, N_z, C_z)
         return z1, h[:, :, -1]  # (B, T, N_z, C_z), (B, T, D)
 
@@ -568,8 +570,9 @@ def train(a: Args) -> dict:
                     *inputs, layout = history_stream(z, tau, d, hist, prev, valid, indep,
                                                      tau_hist, model.k_max, model.dyn.window,
                                                      model.dyn.n_tokens + 1)  # + agent
-                    out = fwd(*inputs, tk, indep, time_layout=layout)[0]  # (R, 2T, N_z, C_z)
-                    return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
+                    out = fwd(*inputs, tk, indep, time_layout=layout,
+                              keep_last=z.shape[1])[0]  # (R, T, N_z, C_z) the loss frames
+                    return out.float()
 
                 terms["video"] = shortcut_forcing_loss(
                     f, fb["clean"], fb["noise"], fb["tau"], fb["d"], model.k_max,

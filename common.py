@@ -206,26 +206,32 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor | None, mask: torch.Tensor | None,
-                past_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x: (B, S, D) → (B, S, D), plus this call's (k, v) so a cache can keep them.
+                past_kv: tuple[torch.Tensor, torch.Tensor] | None = None, q_from: int = 0):
+        """x: (B, S, D) → (B, S − q_from, D), plus this call's (k, v) so a cache can keep them.
 
         past_kv: keys/values of earlier positions (already rotated), prepended before attending.
         angles: (S, Dh/2) RoPE angles of the S new positions (keys are rotated before caching, so
         cached keys never need re-rotating — the relative-position property does the rest).
+        q_from: only positions q_from … S − 1 ask (queries); all S give keys and values (the
+        others are history whose outputs nobody reads; SpaceTimeTransformer's keep_last).
         """
         B, S, D = x.shape
-        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, Hq, S, Dh)
+        Sq = S - q_from  # positions that ask
+        q = self.wq(x[:, q_from:]).view(B, Sq, self.n_heads, self.head_dim)  # (B, Sq, Hq, Dh)
+        q = q.transpose(1, 2)  # (B, Hq, Sq, Dh)
         kv = self.wkv(x).view(B, S, 2, self.n_kv_heads, self.head_dim)  # (B, S, 2, Hk, Dh)
         k, v = kv.permute(2, 0, 3, 1, 4)  # 2 × (B, Hk, S, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if angles is not None:
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
+            q, k = apply_rope(q, angles[q_from:]), apply_rope(k, angles)
+        if mask is not None and q_from:
+            mask = mask[..., q_from:, :]  # (…, Sq, S_k): the rows of the asking positions
         new_kv = (k, v)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, Hk, S_past + S, Dh)
             v = torch.cat([past_kv[1], v], dim=2)  # (B, Hk, S_past + S, Dh)
-        out = attend(q, k, v, mask, self.soft_cap)  # (B, Hq, S, Dh)
-        out = out.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
+        out = attend(q, k, v, mask, self.soft_cap)  # (B, Hq, Sq, Dh)
+        out = out.transpose(1, 2).reshape(B, Sq, D)  # (B, Sq, D)
         return self.wo(out), new_kv
 
 
@@ -258,9 +264,10 @@ class Block(nn.Module):
         self.attn = Attention(dim, n_heads, n_kv_heads, soft_cap)
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, angles, mask, past_kv=None):
-        h, new_kv = self.attn(self.norm1(x), angles, mask, past_kv)
-        x = x + h
+    def forward(self, x, angles, mask, past_kv=None, q_from: int = 0):
+        """x (B, S, D) → (B, S − q_from, D): positions before q_from only give keys and values."""
+        h, new_kv = self.attn(self.norm1(x), angles, mask, past_kv, q_from)
+        x = x[:, q_from:] + h
         return x + self.mlp(self.norm2(x)), new_kv
 
 
@@ -312,7 +319,8 @@ class SpaceTimeTransformer(nn.Module):
     def forward(self, x: torch.Tensor, space_pos: torch.Tensor | None = None,
                 space_mask: torch.Tensor | None = None, independent: torch.Tensor | None = None,
                 cache: KVCache | None = None, commit: bool = False,
-                time_layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                time_layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+                keep_last: int | None = None) -> torch.Tensor:
         """x: (B, T, N, D) → (B, T, N, D), final RMSNorm applied.
 
         space_pos: (N, 2) integer (row, col) per token for 2-D RoPE, or None for no spatial RoPE.
@@ -322,6 +330,11 @@ class SpaceTimeTransformer(nn.Module):
         with commit=False to run a denoising step without changing the context).
         time_layout: (positions (T,), mask (T, T) or (B·N, 1, T, T)) replaces the causal layout of
         the time layers, for frames that are not one plain sequence (dynamics.two_stream_layout).
+        keep_last: only the last keep_last frames are returned, (B, keep_last, N, D); the others
+        serve only as history (a training history stream, a context committed to the cache).
+        Their part ends in the last time layer, as keys and values: after it frames no longer see
+        each other. The kept frames' outputs are exactly those of the full pass, for less compute
+        (not in paper).
         """
         B, T, N, D = x.shape
         f = self.time_from
@@ -339,25 +352,35 @@ class SpaceTimeTransformer(nn.Module):
         if time_layout is not None:  # frames in another arrangement: their positions and mask
             time_angles = rope_angles(time_layout[0], self.head_dim, self.rope_base)  # (T, Dh/2)
             t_mask = time_layout[1]
+        # the last layer where frames meet: there the frames that are not kept give keys and
+        # values only, and after it they are gone (without time layers, they go at once)
+        last_time = max((i for i, blk in enumerate(self.blocks) if blk.is_time), default=-1)
+        T_in = T  # frames that enter; T becomes keep_last in the last time layer
+        if keep_last is not None and last_time < 0:
+            x, T = x[:, T - keep_last:], keep_last  # (B, keep_last, N, D)
         for i, blk in enumerate(self.blocks):
+            if T == 0:  # nothing is read (a cache commit): the cache is already written
+                break
             if blk.is_time:
                 xt = x[:, :, f:].permute(0, 2, 1, 3).reshape(B * N_t, T, D)  # (B·N_t, T, D)
                 past = cache.kv.get(i) if cache is not None else None
-                xt, new_kv = blk(xt, time_angles, t_mask, past)
+                q_from = T - keep_last if keep_last is not None and i == last_time else 0
+                xt, new_kv = blk(xt, time_angles, t_mask, past, q_from)  # (B·N_t, T − q_from, D)
                 if cache is not None and commit:
                     k, v = new_kv if past is None else (torch.cat([past[0], new_kv[0]], 2),
                                                         torch.cat([past[1], new_kv[1]], 2))
                     keep = self.window - 1  # a later frame sees itself + C − 1 earlier frames
                     start = max(k.shape[2] - keep, 0)
                     cache.kv[i] = (k[:, :, start:], v[:, :, start:])  # (B·N_t, Hk, ≤ C−1, Dh)
+                T = T - q_from  # the frames that go on
                 xt = xt.view(B, N_t, T, D).permute(0, 2, 1, 3)  # (B, T, N_t, D)
-                x = torch.cat([x[:, :, :f], xt], 2) if f else xt  # (B, T, N, D)
+                x = torch.cat([x[:, x.shape[1] - T:, :f], xt], 2) if f else xt  # (B, T, N, D)
             else:
                 xs = x.reshape(B * T, N, D)  # (B·T, N, D)
                 xs, _ = blk(xs, space_angles, space_mask)
                 x = xs.view(B, T, N, D)  # (B, T, N, D)
         if cache is not None and commit:
-            cache.pos += T
+            cache.pos += T_in
         return self.norm(x)
 
 

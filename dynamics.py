@@ -304,16 +304,19 @@ class DynamicsModel(nn.Module):
 
     def forward(self, z_tilde, tau, d, prev_actions=None, act_valid=None, independent=None,
                 cache: common.KVCache | None = None, commit: bool = False,
-                time_layout=None) -> torch.Tensor:
+                time_layout=None, keep_last: int | None = None) -> torch.Tensor:
         """Eq 6: (B, T, N_z, C_z) corrupted latents → ẑ₁ (B, T, N_z, C_z) predicted clean latents.
 
         prev_actions (B, T, A): a_{t−1} per frame (see shift_actions); act_valid (B, T) bool.
         independent (B,) bool: start-frame sequences (§3.4). cache/commit: see common.KVCache.
-        time_layout: see two_stream_layout (training with --ctx-stream).
+        time_layout: see two_stream_layout (training with --ctx-stream). keep_last: predict only
+        the last keep_last frames, (B, keep_last, N_z, C_z); the others are history
+        (common.SpaceTimeTransformer).
         """
         x = self.tokens(z_tilde, tau, d, prev_actions, act_valid)  # (B, T, N, D)
         h = self.transformer(x, self.space_pos, independent=independent, cache=cache,
-                             commit=commit, time_layout=time_layout)  # (B, T, N, D)
+                             commit=commit, time_layout=time_layout,
+                             keep_last=keep_last)  # (B, T or keep_last, N, D)
         return self.latent_out(h[:, :, self.spatial])  # (B, T, N_z, C_z)
 
 
@@ -507,7 +510,7 @@ def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, 
     cache = common.KVCache(model.window) if use_cache else None
     if use_cache and Tc > 0:
         model(history, full(Tc, tau_c), full(Tc, d_c), acts(0, Tc), valid[:, :Tc],
-              cache=cache, commit=True)
+              cache=cache, commit=True, keep_last=0)  # only the cache is written
     frames = []
     for t in range(Tc, T):
         if use_cache:  # only the new frame's tokens; it attends to the cached history
@@ -526,7 +529,7 @@ def rollout(model: DynamicsModel, context: torch.Tensor, actions, horizon: int, 
             h_t = corrupt(ctx_noise[:, t:t + 1], z1, tau_c)  # (B, 1, N, C)
             if use_cache:
                 model(h_t, full(1, tau_c), full(1, d_c), acts(t, t + 1), valid[:, t:t + 1],
-                      cache=cache, commit=True)
+                      cache=cache, commit=True, keep_last=0)
             else:
                 history = torch.cat([history, h_t], dim=1)  # (B, t + 1, N, C)
     return torch.cat(frames, dim=1)  # (B, horizon, N, C)
@@ -738,8 +741,9 @@ def train(a: Args) -> dict:
             hist = fb["history"] if rows is None else fb["history"][rows]  # (R, T, N_z, C_z)
             *inputs, layout = history_stream(z, tau, d, hist, prev, valid, ind, tau_ctx,
                                              a.k_max, a.context, model.n_tokens)
-            out = fwd(*inputs, ind, time_layout=layout)  # (R, 2T, N_z, C_z)
-            return out[:, z.shape[1]:].float()  # (R, T, N_z, C_z) the loss frames
+            # the history frames serve only as keys and values: the loss frames are read
+            out = fwd(*inputs, ind, time_layout=layout, keep_last=z.shape[1])  # (R, T, N_z, C_z)
+            return out.float()
 
         for g in opt.param_groups:
             g["lr"] = common.lr_at(step, a.lr, a.warmup, a.steps)

@@ -37,7 +37,7 @@ def tokenizer_step(a: tokenizer.Args):
     loader = data.SequenceDataset(data.ensure_dataset(a.data), "train", a.seq_len, seed=a.seed)
     gen = torch.Generator().manual_seed(a.seed)
 
-    def make(compile_: bool):
+    def make(compile_: bool, full: bool = False):  # full: a dynamics variant only
         net = copy.deepcopy(model)
         fwd = torch.compile(net) if compile_ else net
         opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
@@ -62,12 +62,14 @@ def tokenizer_step(a: tokenizer.Args):
 
 def dynamics_step(a: dynamics.Args, n_latents: int = 32, latent_dim: int = 16):
     """A closure running one dynamics training step of train() on random latents (B, T, N_b, D_b)
-    of the cpu tokenizer's bottleneck, with the alternating short/long batches of batch_shape."""
+    of the cpu tokenizer's bottleneck, with the alternating short/long batches of batch_shape and
+    the history stream of --ctx-stream (without the milestone rows, which need the dataset).
+    full=True runs the history frames through every layer, as before `keep_last`."""
     classes = [5, 2, 2, 2]  # the built-in environment's action components
     model = dynamics.build_model(asdict(a), n_latents // 2, 2 * latent_dim, classes)
     gen = torch.Generator()
 
-    def make(compile_: bool):
+    def make(compile_: bool, full: bool = False):
         net = copy.deepcopy(model)
         ema = copy.deepcopy(net).requires_grad_(False)
         fwd = torch.compile(net) if compile_ else net
@@ -79,11 +81,21 @@ def dynamics_step(a: dynamics.Args, n_latents: int = 32, latent_dim: int = 16):
             B, T = dynamics.batch_shape(i, a)
             lat = torch.rand(B, T, n_latents, latent_dim, generator=gen) * 2 - 1  # (B, T, N_b, D_b)
             acts = torch.stack([torch.randint(n, (B, T), generator=gen) for n in classes], -1)
+            tau_ctx = dynamics.context_signal_level(a.ctx_tau, a.k_max)
             fb = dynamics.forcing_batch(lat, acts, a.k_max, a.start_frac, gen, a.k_min,
-                                        a.flow_frac)
+                                        a.flow_frac, tau_ctx if a.ctx_stream else None)
 
-            def f(z, tau, d, rows=None):
-                return fwd(z, tau, d, *dynamics.row_select(fb, rows)).float()
+            def f(z, tau, d, rows=None):  # as in dynamics.train
+                prev, valid, ind = dynamics.row_select(fb, rows)
+                if not a.ctx_stream:
+                    return fwd(z, tau, d, prev, valid, ind).float()
+                hist = fb["history"] if rows is None else fb["history"][rows]
+                *inputs, layout = dynamics.history_stream(z, tau, d, hist, prev, valid, ind,
+                                                          tau_ctx, a.k_max, a.context,
+                                                          net.n_tokens)
+                T = z.shape[1]
+                out = fwd(*inputs, ind, time_layout=layout, keep_last=None if full else T)
+                return out[:, -T:].float()  # (R, T, N_z, C_z) the loss frames
 
             with common.autocast("cpu"):
                 terms = dynamics.shortcut_forcing_loss(f, fb["clean"], fb["noise"], fb["tau"],
@@ -107,16 +119,17 @@ def compiles() -> int:
 
 def race(make, variants: list[str], rounds: int, steps: int, warmup: int) -> dict:
     """Interleaved timing: every round runs `steps` steps of each variant in turn. A variant is
-    "fp32", "bf16", "fp32+compile" or "bf16+compile". Returns frames/s per variant (total frames
+    a dtype, "fp32" or "bf16", then optionally "+compile" and (the dynamics) "+full": the history
+    frames through every layer. Returns frames/s per variant (total frames
     over total time after warm-up) and, for compiled ones, the warm-up time and graph count."""
     out, runs = {}, {}
     with FlopCounterMode(display=False) as counter:  # FLOPs of one eager step, per frame
         frames = make(False)(0)
     flops_per_frame = counter.get_total_flops() / frames
     for v in variants:
-        dtype, compile_ = v.split("+")[0], v.endswith("+compile")
+        dtype, *extras = v.split("+")
         common._COMPUTE["dtype"] = dtype
-        step = make(compile_)
+        step = make("compile" in extras, full="full" in extras)
         g0, t0 = compiles(), time.perf_counter()
         for i in range(warmup):
             step(i)

@@ -310,6 +310,44 @@ def test_a_slot_outside_time_attention_does_not_see_its_own_past():
     assert not torch.allclose(model(inside)[:, 1:], model(x)[:, 1:])
 
 
+@pytest.mark.parametrize("layer,time_from,layout", [
+    (0, 0, False), (-1, 0, False), (0, 2, False), (0, 0, True)])
+def test_keep_last_equals_the_last_frames_of_the_full_pass(layer, time_from, layout):
+    """keep_last: the other frames give keys and values in the last time layer and stop there.
+    The kept frames' outputs and every gradient must equal those of the full pass (time layer
+    first or last, slots outside time attention, the two-stream layout of --ctx-stream)."""
+    torch.manual_seed(0)
+    model = SpaceTimeTransformer(dim=32, depth=4, n_heads=4, n_kv_heads=2, window=4,
+                                 mlp_ratio=2.0, time_every=4, time_layer=layer,
+                                 time_from=time_from)
+    x = torch.randn(2, 6, 5, 32)
+    kw = {}
+    if layout:  # frames 0–2 a history stream of frames 3–5
+        from dynamics import two_stream_layout
+        kw["time_layout"] = two_stream_layout(3, 4, torch.tensor([False, True]), 5, None)
+    full = model(x, **kw)[:, 2:]  # the last 4 of 6 frames
+    grads_full = torch.autograd.grad(full.square().sum(), list(model.parameters()))
+    kept = model(x, keep_last=4, **kw)
+    grads_kept = torch.autograd.grad(kept.square().sum(), list(model.parameters()))
+    assert kept.shape == (2, 4, 5, 32), f"keep_last=4 must return 4 frames, got {kept.shape}"
+    torch.testing.assert_close(kept, full, atol=1e-5, rtol=1e-4)
+    for g_kept, g_full in zip(grads_kept, grads_full):
+        torch.testing.assert_close(g_kept, g_full, atol=1e-5, rtol=1e-4)
+
+
+def test_keep_last_zero_writes_the_same_cache():
+    """A context committed with keep_last=0 (its outputs unread) leaves the frame after it the
+    same as a full commit does."""
+    model = small_transformer(depth=8, window=4)
+    x = torch.randn(2, 5, 6, 32)
+    caches = KVCache(4), KVCache(4)
+    model(x[:, :4], space_pos=GRID, cache=caches[0], commit=True)
+    model(x[:, :4], space_pos=GRID, cache=caches[1], commit=True, keep_last=0)
+    assert caches[1].pos == 4, f"keep_last=0 must still advance cache.pos to 4, got {caches[1].pos}"
+    after = [model(x[:, 4:], space_pos=GRID, cache=c) for c in caches]
+    torch.testing.assert_close(after[1], after[0], atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------- §3.4 KV cache (exercise)
 
 GRID = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).view(6, 2)
