@@ -12,7 +12,7 @@ Writes: runs/dynamics/  ckpt.pt, args.json, metrics.jsonl, summary.json, and the
 
 Run:
     python dynamics.py                   # default preset: 64×64, one GPU
-    python dynamics.py --preset cpu      # 32×32, ≈ 20 min on 2 CPU cores (after tokenizer.py
+    python dynamics.py --preset cpu      # 32×32, ≈ 13 min on 2 CPU cores (after tokenizer.py
                                          # --preset cpu); its laptop-sized choices:
                                          # docs/deviations.md#the-cpu-preset
     python dynamics.py --preset smoke    # seconds; used by the tests
@@ -114,7 +114,7 @@ PRESETS = {
         tokenizer="runs/cpu/tokenizer/ckpt.pt", out="runs/cpu/dynamics",
         dim=128, depth=4, heads=4, kv_heads=2, registers=4, context=16,
         batch=8, seq_len=8, batch_long=3, seq_len_long=24, long_every=8,
-        steps=4500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 20 min with evaluation, 2 cores
+        steps=4500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 13 min with evaluation, 2 cores
         # the laptop budget's departures (docs/deviations.md#the-cpu-preset): a history stream,
         # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, the
         # noisy frames weighing most (the inverse of Eq 8's ramp), a quarter as many rows again

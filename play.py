@@ -146,13 +146,14 @@ class Dream:
     def _pass(self, z, tau: float, d: float, prev, valid, commit: bool):
         """One cached pass over the new frame z (B, 1, N_z, C_z) at (τ, d); prev (B, 1, A) and
         valid (B, 1) from agent.step_inputs. Returns ẑ₁ (B, 1, N_z, C_z) and the agent output
-        h_t (B, D), None without an agent."""
+        h_t (B, D), None without an agent (whose commit passes return no ẑ₁: (B, 0, N_z, C_z))."""
         B = z.shape[0]
         tau_t = torch.full((B, 1), tau, device=self.device)  # (B, 1)
         d_t = torch.full((B, 1), d, device=self.device)  # (B, 1)
         with common.autocast(self.device):
-            if not self.is_agent:
-                z1 = self.model(z, tau_t, d_t, prev, valid, cache=self.cache, commit=commit)
+            if not self.is_agent:  # a commit's prediction is not read: it writes the cache only
+                z1 = self.model(z, tau_t, d_t, prev, valid, cache=self.cache, commit=commit,
+                                keep_last=0 if commit else None)  # (B, 1 or 0, N_z, C_z)
                 return z1.float(), None
             z1, h = self.model(z, tau_t, d_t, prev, valid, self.task, cache=self.cache,
                                commit=commit)
