@@ -325,11 +325,11 @@ def test_keep_last_equals_the_last_frames_of_the_full_pass(layer, time_from, lay
     if layout:  # frames 0–2 a history stream of frames 3–5
         from dynamics import two_stream_layout
         kw["time_layout"] = two_stream_layout(3, 4, torch.tensor([False, True]), 5, None)
-    full = model(x, **kw)[:, 2:]  # the last 4 of 6 frames
+    full = model(x, **kw)[:, 3:]  # the last 3 of 6 frames (the loss frames of the layout)
     grads_full = torch.autograd.grad(full.square().sum(), list(model.parameters()))
-    kept = model(x, keep_last=4, **kw)
+    kept = model(x, keep_last=3, **kw)
     grads_kept = torch.autograd.grad(kept.square().sum(), list(model.parameters()))
-    assert kept.shape == (2, 4, 5, 32), f"keep_last=4 must return 4 frames, got {kept.shape}"
+    assert kept.shape == (2, 3, 5, 32), f"keep_last=3 must return 3 frames, got {kept.shape}"
     torch.testing.assert_close(kept, full, atol=1e-5, rtol=1e-4)
     for g_kept, g_full in zip(grads_kept, grads_full):
         torch.testing.assert_close(g_kept, g_full, atol=1e-5, rtol=1e-4)
