@@ -96,9 +96,9 @@ def rollout_baselines(tok, held: LatentCache, ro: dict, a: Args,
     lat, true = ro["latents"], ro["true"]  # (B, T, N_b, D_b), (B, T, H_px, W_px, 3)
     ctx, target = pack(lat[:, :Tc]), pack(lat[:, Tc:])  # (B, T_c, N_z, C_z), (B, H, N_z, C_z)
     out = {}
-    for name, z in ro["z"].items():  # k4, k64, shuffled
+    for name, z in ro["z"].items():  # k4, k64 (on the first len(z) windows), shuffled
         key = f"latent_mse_k{a.sample_k}_shuffled" if name == "shuffled" else f"latent_mse_{name}"
-        out[key] = float((z - target).pow(2).mean())
+        out[key] = float((z - target[:len(z)]).pow(2).mean())
     out["latent_mse_repeat_last"] = float((ctx[:, -1:] - target).pow(2).mean())
     repeat = decode_after(tok, lat[:, :Tc], ctx[:, -1:].expand(-1, H, -1, -1), device)
     out.update(psnr_scores("repeat_last_decoded", repeat, true[:, Tc:]))
@@ -360,7 +360,10 @@ def save_pictures(ev: dict, true: torch.Tensor, generated: torch.Tensor, probe: 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     hz = np.arange(1, len(ev["psnr_repeat_last_per_horizon"]) + 1)
     for key, label in ((f"psnr_k{a.sample_k}_per_horizon", f"K = {a.sample_k}"),
-                       (f"psnr_k{a.k_max}_per_horizon", f"K = {a.k_max}"),
+                       (f"psnr_k{a.k_max}_per_horizon",
+                        f"K = {a.k_max} (first {ev.get('eval_seqs_kmax')} windows)"),
+                       (f"psnr_k{a.sample_k}_kmax_windows_per_horizon",
+                        f"K = {a.sample_k} on those windows"),
                        ("psnr_shuffled_per_horizon", f"K = {a.sample_k}, shuffled actions"),
                        ("psnr_repeat_last_per_horizon", "repeat last context frame"),
                        ("psnr_repeat_last_decoded_per_horizon",
@@ -740,6 +743,7 @@ def save_following_picture(out: dict, run_dir: str) -> None:
 # What the command line may change; the rest comes from the checkpoint's args.
 EVAL_FLAGS = {
     "eval_seqs": (int, "held-out sequences for the rollouts"),
+    "eval_seqs_kmax": (int, "the first n of them for the K = k_max rollout (0: all)"),
     "eval_context": (int, "context frames of the held-out rollouts"),
     "eval_horizon": (int, "generated frames of the held-out rollouts"),
     "sample_k": (int, "K sampling steps per generated frame"),

@@ -973,6 +973,23 @@ def test_dynamics_eval_reevaluates_a_run_folder_and_keeps_its_training_figures(s
     assert torch.load(os.path.join(again, "ckpt.pt"), weights_only=True)["step"] == 6
 
 
+def test_the_k_max_rollout_runs_on_the_first_eval_seqs_kmax_windows(smoke_run):
+    """--eval-seqs-kmax n: K = k_max generates the first n windows only, and K = sample_k is
+    scored on those same windows beside it (the pair the K = 4 vs K = 64 figure compares)."""
+    from tokenizer import LatentCache, load_tokenizer
+    full, _ = smoke_run
+    model, ckpt = dy.load_dynamics(os.path.join(full, "ckpt.pt"), torch.device("cpu"))
+    a = dy.Args(**{**ckpt["args"], "eval_seqs": 3, "eval_seqs_kmax": 2})
+    tok, _ = load_tokenizer(a.tokenizer, torch.device("cpu"))
+    held = LatentCache(os.path.dirname(a.tokenizer), "heldout", seed=a.seed + 1)
+    figures, ro = dy.evaluate(model.eval(), tok, held, a, torch.device("cpu"))
+    assert ro["z"]["k4"].shape[0] == 3 and ro["z"]["k64"].shape[0] == 2
+    Tc = a.eval_context
+    alone = dy.psnr_scores("x", ro["pixels"]["k4"][:2], ro["true"][:2, Tc:])["psnr_x"]
+    assert figures["eval_seqs_kmax"] == 2 and figures["psnr_k4_kmax_windows"] == alone
+    assert figures["psnr_k4"] != alone  # the headline K = 4 figure keeps all three windows
+
+
 def test_missing_tokenizer_names_the_command(tmp_path):
     r = subprocess.run([sys.executable, "dynamics.py", "--preset", "smoke", "--tokenizer",
                         str(tmp_path / "no.pt"), "--out", str(tmp_path / "o")],
