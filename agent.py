@@ -53,7 +53,6 @@ class Args:
     from_scratch: bool = False  # the "BC" baseline (Table 7): random init, no video loss
     video_loss: bool = True  # keep the Eq 7 video loss on the uniform half (§3.3)
     event_rows: bool = False  # and stage 1b's milestone and inventory rows in it (not in paper)
-    event_rows_from: int = 0  # --event-rows from this step on; 0 = all of phase 2
     mtp: int = 8  # L: MTP offsets n = 0…L−1 (Eq 9: L = 8, the sum to L read as 8 terms)
     head_hidden: int = 256  # width of the policy / reward MLP heads (not in paper)
     bins: int = 255  # twohot bins at symexp(linspace(−20, 20)) (DreamerV3; not in paper)
@@ -547,18 +546,17 @@ def train(a: Args) -> dict:
             terms = {}
             if video_loss and n_uni:  # Eq 7 keeps running on the uniform half (§3.3), as in 1b
                 v_lat, v_acts, v_task = lat[:n_uni], acts[:n_uni], task[:n_uni]
-                n_extra = (n_event + n_inventory) if step >= a.event_rows_from else 0
-                if n_extra:  # --event-rows: stage 1b's rows after the uniform ones
+                if n_event or n_inventory:  # --event-rows: stage 1b's rows after the uniform
                     train_cache.rng = np.random.default_rng([a.seed, step, 1])  # as sampler.rng
                     extra = milestone_windows(train_cache, n_event, n_inventory, T)
                     v_lat = torch.cat([v_lat, extra["latents"].to(device)])  # (B_v, T, N_b, D_b)
                     v_acts = torch.cat([v_acts, extra["actions"].to(device)])  # (B_v, T, A)
                     # no head reads these rows: the frame predictions do not see the task
-                    v_task = torch.cat([v_task, v_task.new_zeros(n_extra)])
+                    v_task = torch.cat([v_task, v_task.new_zeros(n_event + n_inventory)])
                 fb = forcing_batch(v_lat, v_acts, model.k_max, a.start_frac, gen,
                                    dargs.get("k_min", 1), dargs.get("flow_frac", 0.0),
                                    tau_hist if dargs.get("ctx_stream") else None,
-                                   event_rows=n_extra)
+                                   event_rows=n_event + n_inventory)
                 # this rank's uniform rows of the global draws (all of them in one process)
                 fb, task_uni = common.shard(fb), common.shard(v_task)
 
