@@ -115,7 +115,7 @@ PRESETS = {
         tokenizer="runs/cpu/tokenizer/ckpt.pt", out="runs/cpu/dynamics",
         dim=128, depth=4, heads=4, kv_heads=2, registers=4, context=16,
         batch=8, seq_len=8, batch_long=3, seq_len_long=24, long_every=8,
-        steps=5500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 15 min with evaluation, 2 cores
+        steps=5500, lr=1e-3, warmup=200, ckpt_every=1000,  # ≈ 14 min with evaluation, 2 cores
         # the laptop budget's departures (docs/deviations.md#the-cpu-preset): a history stream,
         # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, the
         # noisy frames weighing most (the inverse of Eq 8's ramp), a quarter as many rows again
@@ -858,8 +858,8 @@ def evaluate(model: DynamicsModel, tok, held: LatentCache, a: Args, device):
     def generate(name, k, acts, n=len(lat)):  # K = k steps per frame on the first n windows,
         gen = torch.Generator(device).manual_seed(a.seed)  # the same noise for every K and acts
         with common.autocast(device):
-            z = rollout(model, ctx[:n], acts if acts is None else acts[:n], H, k, a.ctx_tau,
-                        gen).float()  # (n, H, N_z, C_z)
+            acts = None if acts is None else acts[:n]  # (n, T, A)
+            z = rollout(model, ctx[:n], acts, H, k, a.ctx_tau, gen).float()  # (n, H, N_z, C_z)
         ro["z"][name] = z
         ro["pixels"][name] = decode_after(tok, lat[:n, :Tc], z, device)  # (n, H, H_px, W_px, 3)
         return psnr_scores(name, ro["pixels"][name], true[:n, Tc:])
