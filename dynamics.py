@@ -12,7 +12,7 @@ Writes: runs/dynamics/  ckpt.pt, args.json, metrics.jsonl, summary.json, and the
 
 Run:
     python dynamics.py                   # default preset: 64×64, one GPU
-    python dynamics.py --preset cpu      # 32×32, ≈ 13 min on 2 CPU cores (after tokenizer.py
+    python dynamics.py --preset cpu      # 32×32, ≈ 14 min on 2 CPU cores (after tokenizer.py
                                          # --preset cpu); its laptop-sized choices:
                                          # docs/deviations.md#the-cpu-preset
     python dynamics.py --preset smoke    # seconds; used by the tests
@@ -857,8 +857,8 @@ def evaluate(model: DynamicsModel, tok, held: LatentCache, a: Args, device):
 
     def generate(name, k, acts, n=len(lat)):  # K = k steps per frame on the first n windows,
         gen = torch.Generator(device).manual_seed(a.seed)  # the same noise for every K and acts
+        acts = None if acts is None else acts[:n]  # (n, T, A)
         with common.autocast(device):
-            acts = None if acts is None else acts[:n]  # (n, T, A)
             z = rollout(model, ctx[:n], acts, H, k, a.ctx_tau, gen).float()  # (n, H, N_z, C_z)
         ro["z"][name] = z
         ro["pixels"][name] = decode_after(tok, lat[:n, :Tc], z, device)  # (n, H, H_px, W_px, 3)
