@@ -556,7 +556,8 @@ def train(a: Args) -> dict:
                 fb = forcing_batch(v_lat, v_acts, model.k_max, a.start_frac, gen,
                                    dargs.get("k_min", 1), dargs.get("flow_frac", 0.0),
                                    tau_hist if dargs.get("ctx_stream") else None,
-                                   event_rows=n_event + n_inventory)
+                                   event_rows=n_event + n_inventory,
+                                   event_weight=dargs.get("event_weight", 0.0))  # as in 1b
                 # this rank's uniform rows of the global draws (all of them in one process)
                 fb, task_uni = common.shard(fb), common.shard(v_task)
 

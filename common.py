@@ -444,7 +444,7 @@ FLAG_RANGES = {
     **dict.fromkeys(("lr", "value_lr", "grad_clip", "mlp_ratio"), POSITIVE),
     # space_rope_base: 0 = no space RoPE in dynamics.py (the tokenizer's default is 10)
     **dict.fromkeys(("weight_decay", "lpips_weight", "boot_clip", "beta", "soft_cap", "warmup",
-                     "seed", "stop_at", "resize", "space_rope_base"), NON_NEGATIVE),
+                     "seed", "stop_at", "resize", "space_rope_base", "event_weight"), NON_NEGATIVE),
     **dict.fromkeys(("mae_max", "flow_frac", "start_frac", "event_frac", "inventory_frac",
                      "relevant_frac", "long_only_frac", "lam", "alpha"), FRACTION),
     **dict.fromkeys(("ctx_tau", "gamma"), SIGNAL),

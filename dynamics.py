@@ -74,6 +74,7 @@ class Args:
     start_frac: float = 0.3  # share of sequences trained as independent images (§3.4: 30 %)
     event_frac: float = 0.0  # milestone rows added per uniform row (not in paper)
     inventory_frac: float = 0.0  # rows ending at an inventory change per uniform row (not in paper)
+    event_weight: float = 0.0  # an extra row's last-frame weight; 0 = row length T (not in paper)
     batch: int = 32  # sequences per short batch (not in paper)
     seq_len: int = 16  # T₁ ≤ C, length of short batches (§3.4; Minecraft 64 with C = 192)
     batch_long: int = 8  # sequences per long batch: the same frames per step (not in paper)
@@ -381,14 +382,16 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
 
 def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
                   gen: torch.Generator, k_min: int = 1, flow_frac: float = 0.0,
-                  history_tau: float | None = None, event_rows: int = 0) -> dict:
+                  history_tau: float | None = None, event_rows: int = 0,
+                  event_weight: float = 0.0) -> dict:
     """Diffusion-forcing inputs of one batch: latents (B, T, N_b, D_b) → clean (B, T, N_z, 2·D_b)
     packed (App A); per-frame (τ, d) (Eq 4); noise z₀; start-frame rows (§3.4: `start_frac` of the
     sequences are independent images, with no action); a_{t−1} (None for unlabelled clips).
     history_tau (`--ctx-stream`, not in paper): also the history stream, every frame at τ_ctx.
     event_rows (`--event-frac`, `--inventory-frac`; not in paper): the last rows end at an event
     (sample_windows); frame_weight (B, T) weighs each such row's last frame T (the weight of a
-    whole row), every other frame 1, and the start rows are drawn among the other rows."""
+    whole row; event_weight > 0 instead: that weight, `--event-weight`), every other frame 1, and
+    the start rows are drawn among the other rows."""
     clean = pack(latents)  # (B, T, N_z, C_z)
     B, T = clean.shape[:2]
     dev = clean.device
@@ -398,7 +401,8 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     starts = torch.randperm(B - event_rows, generator=gen, device=dev)[:round(start_frac * B)]
     independent[starts] = True
     frame_weight = torch.ones(B, T, device=dev)  # (B, T)
-    frame_weight[B - event_rows:, -1] = float(T)  # an event row's event frame: a whole row's weight
+    # an event row's event frame weighs a whole row (T), or --event-weight
+    frame_weight[B - event_rows:, -1] = event_weight if event_weight > 0 else float(T)
     if actions is None:
         prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
     else:
@@ -731,7 +735,7 @@ def train(a: Args) -> dict:
         n_events = batch["latents"].shape[0] - B  # E: the milestone and inventory rows
         fb = forcing_batch(batch["latents"].to(device), acts, a.k_max, a.start_frac, gen,
                            a.k_min, a.flow_frac, tau_ctx if a.ctx_stream else None,
-                           event_rows=n_events)
+                           event_rows=n_events, event_weight=a.event_weight)
         rows = fb["clean"].shape[0]  # B and the milestone rows
         fb = common.shard(fb, "--batch (with the milestone rows)")  # this rank's rows
 
