@@ -401,7 +401,7 @@ def forcing_batch(latents: torch.Tensor, actions, k_max: int, start_frac: float,
     starts = torch.randperm(B - event_rows, generator=gen, device=dev)[:round(start_frac * B)]
     independent[starts] = True
     frame_weight = torch.ones(B, T, device=dev)  # (B, T)
-    # an event row's event frame weighs a whole row (T), or --event-weight
+    # an event row's event frame weighs a whole row (T), or --event-weight (docs/deviations.md)
     frame_weight[B - event_rows:, -1] = event_weight if event_weight > 0 else float(T)
     if actions is None:
         prev, valid = None, torch.zeros(B, T, dtype=torch.bool, device=dev)
