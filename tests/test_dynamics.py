@@ -621,9 +621,10 @@ def test_start_frame_rows_and_frame_0_carry_no_action():
     assert fb["act_valid"][~fb["independent"], 1:].all()
 
 
-def event_rows_batch():
+def event_rows_batch(event_weight=0.0):
     lat, acts = torch.rand(10, 6, 8, 3) * 2 - 1, torch.randint(0, 2, (10, 6, 3))
-    return dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0), event_rows=4)
+    return dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0), event_rows=4,
+                            event_weight=event_weight)
 
 
 def test_event_rows_weigh_their_last_frame_as_a_whole_row_and_the_rest_as_usual():
@@ -633,12 +634,9 @@ def test_event_rows_weigh_their_last_frame_as_a_whole_row_and_the_rest_as_usual(
 
 
 def test_event_weight_sets_the_weight_of_the_event_rows_last_frame():
-    lat, acts = torch.rand(10, 6, 8, 3) * 2 - 1, torch.randint(0, 2, (10, 6, 3))
-    fb = dy.forcing_batch(lat, acts, K_MAX, 0.3, torch.Generator().manual_seed(0), event_rows=4,
-                          event_weight=2.0)  # `--event-weight 2` (not in paper)
-    want = torch.ones(10, 6)
+    want = torch.ones(10, 6)  # `--event-weight 2` (not in paper)
     want[6:, -1] = 2.0  # the last 4 rows' event frame weighs 2 instead of T = 6
-    torch.testing.assert_close(fb["frame_weight"], want)
+    torch.testing.assert_close(event_rows_batch(event_weight=2.0)["frame_weight"], want)
 
 
 def test_start_frame_rows_are_drawn_among_the_rows_without_an_event():
