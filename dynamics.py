@@ -121,9 +121,9 @@ PRESETS = {
         # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, the
         # noisy frames weighing most (the inverse of Eq 8's ramp), a quarter as many rows again
         # that end at a milestone (where the dataset has reward labels), and a quarter more that
-        # end where the inventory changes (on the built-in world)
+        # end where the inventory changes (on the built-in world), their last frame weighing 4
         ctx_stream=True, k_min=4, start_frac=0.1, space_rope_base=10.0, tau_weight="inverse",
-        event_frac=0.25, inventory_frac=0.25,
+        event_frac=0.25, inventory_frac=0.25, event_weight=4.0,
         eval_seqs=128, eval_seqs_kmax=32, fps_frames=64,
     ),
 }
@@ -371,7 +371,7 @@ def shortcut_forcing_loss(f, clean: torch.Tensor, noise: torch.Tensor, tau: torc
     boot = (1 - tau) ** 2 * (v_hat - v_target.detach()).pow(2).mean(dim=(-2, -1))  # (B, T)
     per_frame = torch.where(is_flow, flow, boot)  # each frame gets exactly one of the two terms
     w = tau_weight(tau, weight)  # Eq 8 (or --tau-weight) on both terms: the paper does not say
-    if frame_weight is not None:  # milestone rows: the row's event frame weighs a whole row
+    if frame_weight is not None:  # milestone rows: the row's event frame weighs more (T or W)
         w = w * frame_weight
     n = per_frame.numel()
     return {"loss": (w * per_frame).mean(),
@@ -548,10 +548,10 @@ def sample_windows(cache: LatentCache, B: int, T: int, event_frac: float,
     """Training windows of T frames: B uniformly, then round(event_frac·B) more among the windows
     whose last frame holds a milestone (a reward event; `--event-frac`, not in paper,
     docs/deviations.md): a history, then the event. The events that the agent stages need are
-    rare (a few per 256 frames); in these rows the event frame weighs as much as a whole row
-    (forcing_batch), and the history before it (the presses that did not yet fell the tree) is
-    trained as usual: the counter-examples. The milestone rows come on top of the B uniform
-    ones: taken from them, they cost the moves, which are learned from the uniform windows.
+    rare (a few per 256 frames); in these rows the event frame weighs more (a whole row, T, or
+    `--event-weight`: forcing_batch), and the history before it (the presses that did not yet
+    fell the tree) is trained as usual: the counter-examples. The milestone rows come on top of
+    the B uniform ones: taken from them, they cost the moves, learned from the uniform windows.
     Then round(inventory_frac·B) rows ending where the inventory shown changes (`--inventory-frac`,
     not in paper; the built-in world, read off its frames): neither the second wood a table
     costs nor a wood the creature steals pays a reward, and both are as rare."""
