@@ -958,8 +958,13 @@ def command_for(script: str, cls, presets: dict, run_dir: str, recorded: dict | 
     preset = recorded.get("preset") or next(
         (n for n, p in presets.items() if _same_path(p.get("out", ""), run_dir)), "default")
     values = {**defaults, **presets.get(preset, {})}
+    # A flag newer than the run is missing from its record: the run ran with the flag's default
+    # (a new flag defaults to the behaviour before it), which the preset may since have changed.
+    ran = {}
+    if recorded:
+        ran = {n: v for n, v in defaults.items() if n not in recorded} | recorded
     flags = [] if preset == "default" else ["--preset", preset]
-    for name, value in recorded.items():
+    for name, value in ran.items():
         # Not the run's identity: where it ran, how it was interrupted, its resolved dtype.
         if name in ("preset", "out", "resume", "stop_at", "device", "dtype", "compile"):
             continue

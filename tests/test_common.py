@@ -585,6 +585,15 @@ def test_command_for_a_run_folder_repeats_its_own_flags(tmp_path):
             == f"python stage.py --preset cpu --data data/mine --out {run_dir}")
 
 
+def test_command_for_a_run_older_than_a_flag_gives_the_flag_its_default(tmp_path):
+    run_dir = str(tmp_path / "old")  # written before `steps` existed: it ran with the default
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({"preset": "cpu", "data": "data/small", "out": run_dir}, f)
+    assert (common.command_for("stage.py", StageArgs, STAGE_PRESETS, run_dir)
+            == f"python stage.py --preset cpu --steps 100 --out {run_dir}")
+
+
 # ---------------------------------------------------------------- plumbing: Ctrl-C
 
 def interrupted(monkeypatch, capsys, argv: list[str], writes: str = "") -> tuple[int, str]:
