@@ -948,8 +948,9 @@ def parent_path(child: str, stored: str) -> str:
 def command_for(script: str, cls, presets: dict, run_dir: str, recorded: dict | None = None) -> str:
     """The command that (re)writes the run folder `run_dir` of `script` (e.g. "tokenizer.py"),
     with the run's own flags: its preset and the values that differ from that preset, read from
-    `recorded` or run_dir/args.json; without either, the preset whose run folder run_dir is. --out
-    unless it is the preset's own run folder. Error messages suggest it: it must work as written."""
+    `recorded` or run_dir/args.json (a flag the record lacks: its default); without either, the
+    preset whose run folder run_dir is. --out unless it is the preset's own run folder. Error
+    messages suggest it: it must work as written."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     recorded = recorded or {}
     if not recorded and os.path.exists(os.path.join(run_dir, "args.json")):
