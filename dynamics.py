@@ -117,7 +117,7 @@ PRESETS = {
         dim=128, depth=4, heads=4, kv_heads=2, registers=4, context=16,
         batch=8, seq_len=8, batch_long=3, seq_len_long=24, long_every=8,
         steps=5500, warmup=200, ckpt_every=1000,  # ≈ 14 min with evaluation, 2 cores
-        lr=3e-3,  # 5,500 steps need a higher peak than 1e-3; agent.py's phase 2 runs at it too
+        lr=3e-3,  # 5,500 steps need a higher peak than 1e-3 (agent.py's phase 2: 5e-3)
         # the laptop budget's departures (docs/deviations.md#the-cpu-preset): a history stream,
         # only the step sizes K = 4 uses, 10 % start frames, 2-D RoPE in the space layers, the
         # noisy frames weighing most (the inverse of Eq 8's ramp), a quarter as many rows again
